@@ -1,0 +1,146 @@
+"""The only code that writes to `--out`: per-layer commits, resume, and the final checkpoint.
+
+Layout of an output (a local folder, or any URI pyarrow.fs opens: s3://, gs://, ...):
+
+    .mwprune/fingerprint.json       what determines the result; a rerun resumes only if equal
+    .mwprune/layers/00012.json      layer 12's report; written after its tensors = the commit
+    layers/00012.safetensors        layer 12's tensors (a shard of the final checkpoint)
+    rest.safetensors, model.safetensors.index.json, tokenizer files, report.json
+    config.json                     written last: until it appears the folder is not a model
+
+Every file is written to a temporary name and renamed (local), or put as one object (object
+stores, where a put is atomic), so a crash never leaves a half-written file under a final name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from pathlib import Path
+
+import torch
+
+STATE = ".mwprune"
+MARK = "mwprune-run"
+
+
+class OutputError(ValueError):
+    pass
+
+
+def _open_fs(uri: str):
+    import pyarrow.fs as pafs
+
+    if "://" in uri:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        return fs, path.rstrip("/"), False
+    return pafs.LocalFileSystem(), str(Path(uri).absolute()), True
+
+
+def fingerprint_digest(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class OutputDir:
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.root, self.local = _open_fs(uri)
+
+    # -- plain file operations -------------------------------------------------------------
+    def path(self, rel: str) -> str:
+        return posixpath.join(self.root, rel)
+
+    def exists(self, rel: str) -> bool:
+        import pyarrow.fs as pafs
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return f.read()
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        dst = self.path(rel)
+        self.fs.create_dir(posixpath.dirname(dst), recursive=True)
+        if not self.local:  # an object put is atomic on object stores
+            with self.fs.open_output_stream(dst) as f:
+                f.write(data)
+            return
+        tmp = dst + ".tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, dst)
+
+    def write_json(self, rel: str, obj) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=1, default=str).encode())
+
+    def listdir(self, rel: str) -> list[str]:
+        import pyarrow.fs as pafs
+        sel = pafs.FileSelector(self.path(rel), allow_not_found=True)
+        return [posixpath.basename(i.path) for i in self.fs.get_file_info(sel)]
+
+    # -- run state -------------------------------------------------------------------------
+    def complete(self) -> bool:
+        return self.exists("config.json") and self.exists(f"{STATE}/fingerprint.json")
+
+    def begin(self, fingerprint: dict, overwrite: bool = False) -> str:
+        """Claim the folder for this run. Returns 'new', 'resume' or 'complete'.
+
+        Refuses a folder that holds anything but a run of this tool, and a run of this tool with a
+        different fingerprint (unless overwrite, which only ever deletes runs of this tool).
+        """
+        digest = fingerprint_digest(fingerprint)
+        entries = self.listdir("")
+        if entries:
+            if not self.exists(f"{STATE}/fingerprint.json"):
+                raise OutputError(f"--out {self.uri} is not empty and is not a run of this tool; refusing to write there")
+            old = json.loads(self.read_bytes(f"{STATE}/fingerprint.json"))
+            if old.get("mark") != MARK:
+                raise OutputError(f"--out {self.uri} holds an unrecognised state file; refusing to write there")
+            if old.get("digest") != digest:
+                if not overwrite:
+                    changed = sorted(k for k in set(old.get("parts", {})) | set(fingerprint)
+                                     if old.get("parts", {}).get(k) != fingerprint.get(k))
+                    raise OutputError(f"--out {self.uri} holds a different run (differs in: {', '.join(changed) or '?'}); "
+                                      f"use a new --out, or --overwrite to replace it")
+                self.fs.delete_dir_contents(self.root)
+            elif self.complete():
+                return "complete"
+            else:
+                return "resume"
+        self.write_json(f"{STATE}/fingerprint.json", {"mark": MARK, "digest": digest,
+                                                      "parts": json.loads(json.dumps(fingerprint, default=str))})
+        return "new"
+
+    def committed(self) -> set[int]:
+        return {int(n.split(".")[0]) for n in self.listdir(f"{STATE}/layers") if n.endswith(".json")}
+
+    def commit_layer(self, index: int, tensors: dict[str, torch.Tensor], report: dict) -> None:
+        from safetensors.torch import save
+        for name, t in tensors.items():
+            if not torch.isfinite(t).all():
+                raise FloatingPointError(f"layer {index}: tensor {name} has NaN or Inf; not committed")
+        blob = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
+        self.write_bytes(f"layers/{index:05d}.safetensors", blob)
+        self.write_json(f"{STATE}/layers/{index:05d}.json", report)  # the commit point
+
+    def load_layer(self, index: int) -> tuple[dict[str, torch.Tensor], dict]:
+        from safetensors.torch import load
+        tensors = load(self.read_bytes(f"layers/{index:05d}.safetensors"))
+        report = json.loads(self.read_bytes(f"{STATE}/layers/{index:05d}.json"))
+        return tensors, report
+
+    def finalize(self, model_folder: Path, rest: dict[str, torch.Tensor], layer_names: dict[int, list[str]],
+                 report: dict) -> None:
+        """Write everything outside the decoder layers, the index and the report; config.json last."""
+        from safetensors.torch import save
+        weight_map = {n: "rest.safetensors" for n in rest}
+        for i, names in layer_names.items():
+            weight_map.update({n: f"layers/{i:05d}.safetensors" for n in names})
+        self.write_bytes("rest.safetensors", save({k: v.contiguous() for k, v in rest.items()}, metadata={"format": "pt"}))
+        self.write_json("model.safetensors.index.json", {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))})
+        for f in sorted(Path(model_folder).iterdir()):  # tokenizer, generation config, chat template...
+            if f.is_file() and f.name != "config.json" and not f.name.startswith("model") \
+                    and f.suffix not in (".safetensors", ".bin", ".gguf", ".pt") and f.stat().st_size < 64 << 20:
+                self.write_bytes(f.name, f.read_bytes())
+        self.write_json("report.json", report)
+        self.write_bytes("config.json", (Path(model_folder) / "config.json").read_bytes())

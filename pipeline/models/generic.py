@@ -1,0 +1,120 @@
+"""The generic adapter: layers, prunable modules, calibration order, tail modules."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Names inside a HF causal LM. Empty `layers` means: the largest ModuleList of the model."""
+    family: str = "generic"
+    layers: str = ""
+    # Modules applied after the last decoder layer and before the head, in order (absent ones skipped).
+    tail: tuple[str, ...] = ()
+    head: str = "lm_head"
+    # Only these Linear names (suffixes inside a layer) are pruned; empty = every nn.Linear.
+    prune_only: tuple[str, ...] = ()
+
+    def layers_path(self, model: nn.Module) -> str:
+        if self.layers:
+            return self.layers
+        best, best_n = None, 0
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+                n = sum(p.numel() for p in mod.parameters())
+                if n > best_n:
+                    best, best_n = name, n
+        if best is None:
+            raise UnsupportedModel(f"no decoder layer list found in {type(model).__name__}")
+        return best
+
+    def layer_list(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.layers_path(model))
+
+    def tail_paths(self, model: nn.Module) -> list[str]:
+        if self.tail:
+            names = list(self.tail)
+        else:  # conventional names of the final norm, beside the layer list
+            parent = self.layers_path(model).rpartition(".")[0]
+            names = [f"{parent}.{n}" if parent else n for n in ("norm", "final_layer_norm", "norm_f", "ln_f")]
+        out = []
+        for n in names:
+            try:
+                if model.get_submodule(n) is not None:
+                    out.append(n)
+            except AttributeError:
+                pass
+        return out
+
+    def prunable(self, layer: nn.Module) -> dict[str, nn.Linear]:
+        mods = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        if self.prune_only:
+            mods = {n: m for n, m in mods.items() if n.rpartition(".")[2] in self.prune_only}
+        if not mods:
+            raise UnsupportedModel(f"no linear modules to prune in {type(layer).__name__}")
+        return mods
+
+
+def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def trace_groups(layer: nn.Module, modules: dict[str, nn.Linear], hidden: torch.Tensor,
+                 kwargs: dict) -> list[list[str]]:
+    """Calibration order of a layer's modules, grouped by shared input, from one real forward.
+
+    Modules that read the very same tensor (q/k/v; gate/up) form one group and share a Hessian.
+    Groups come in the order they run, so later groups can be calibrated on pruned earlier ones.
+    A module that never runs is an error: its Hessian would be empty.
+    """
+    seen: list[tuple[str, torch.Tensor]] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.append((name, args[0])))
+             for name, m in modules.items()]
+    try:
+        with torch.no_grad():
+            call_layer(layer, hidden, kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    for name, x in seen:
+        for src, names in groups:
+            if x is src or (x.data_ptr() == src.data_ptr() and x.shape == src.shape and x.stride() == src.stride()):
+                if name not in names:
+                    names.append(name)
+                break
+        else:
+            groups.append((x, [name]))
+    order = [names for _, names in groups]
+    missing = set(modules) - {n for g in order for n in g}
+    if missing:
+        raise UnsupportedModel(f"modules never called in a forward pass: {sorted(missing)}")
+    return order
+
+
+def group_input_hook(module: nn.Module, sink, stop: bool):
+    """Pre-hook feeding a module's input to `sink`; `stop` skips the rest of the layer's forward."""
+    def hook(mod, args):
+        sink(args[0])
+        if stop:
+            raise _StopForward
+    return module.register_forward_pre_hook(hook)
+
+
+def run_until_hooks(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> None:
+    try:
+        call_layer(layer, hidden, kwargs)
+    except _StopForward:
+        pass
