@@ -87,9 +87,12 @@ def summary(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    a = parser().parse_args(argv)
     try:
-        cfg = config_from_args(a)
+        a = parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a one-line usage error
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        cfg = config_from_args(a).resolve()  # bad options fail here, before Ray or any file
         if distributed(a):
             from actors.driver import run_distributed
             report = run_distributed(cfg, quiet=a.quiet)

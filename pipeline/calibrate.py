@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import loading
-from .models.generic import call_layer, group_input_hook, run_until_hooks, trace_groups
+from .models.generic import call_layer, input_hook, run_until_hooks, trace_groups
 from .solvers import HessianAccumulator, prune_with_info
 
 STREAMS = ("calib", "calib_dense", "eval_dense", "eval_pruned")
@@ -170,14 +170,14 @@ def new_accumulators(modules: dict[str, nn.Linear], groups: list[list[str]], dev
 
 
 @contextmanager
-def collecting(modules: dict[str, nn.Linear], groups: list[list[str]], accs: list[HessianAccumulator],
-               stop: bool):
+def collecting(layer: nn.Module, modules: dict[str, nn.Linear], groups: list[list[str]],
+               accs: list[HessianAccumulator], stop: bool, taps: dict | None = None):
     """While active, each group's first module feeds its input to the group's accumulator.
 
     With stop=True the layer's forward is cut right after the last group's input is seen (use
     `run_until_hooks`), so calibrating the first modules of a layer costs almost nothing.
     """
-    hooks = [group_input_hook(modules[g[0]], acc.add, stop and k == len(groups) - 1)
+    hooks = [input_hook(layer, modules, g[0], acc.add, stop and k == len(groups) - 1, taps)
              for k, (g, acc) in enumerate(zip(groups, accs))]
     try:
         yield accs
@@ -187,27 +187,40 @@ def collecting(modules: dict[str, nn.Linear], groups: list[list[str]], accs: lis
 
 
 @torch.no_grad()
-def accumulate_group(layer, modules, names, batches, kwargs, acc=None) -> HessianAccumulator:
+def accumulate_group(layer, modules, names, batches, kwargs, acc=None, taps=None) -> HessianAccumulator:
     acc = acc or new_accumulators(modules, [names], batches[0].device)[0]
-    with collecting(modules, [names], [acc], stop=True):
+    with collecting(layer, modules, [names], [acc], stop=True, taps=taps):
         for b in batches:
             run_until_hooks(layer, b, kwargs)
     return acc
 
 
 def prune_group(modules: dict[str, nn.Linear], names: list[str], acc: HessianAccumulator,
-                spec: PruneSpec) -> dict[str, dict]:
+                spec: PruneSpec, where: str = "") -> dict[str, dict]:
     reports = {}
     H = acc.hessian
     for name in names:
         mod = modules[name]
-        res = prune_with_info(mod.weight.data, H, **spec.kwargs())
+        try:
+            res = prune_with_info(mod.weight.data, H, **spec.kwargs())
+        except (ValueError, RuntimeError, FloatingPointError) as e:  # say which module failed
+            raise type(e)(f"{where}{name}: {e}") from e
         mod.weight.data = res.weight
         w = res.weight
         reports[name] = {"shape": list(w.shape), "sparsity": (w == 0).float().mean().item(),
                          "error": res.error, "damping": res.damping, "seconds": res.seconds,
                          "tokens": acc.count}
     return reports
+
+
+@dataclass
+class _Open:
+    """A loaded layer with what calibrating it needs."""
+    layer: nn.Module
+    modules: dict[str, nn.Linear]
+    taps: dict
+    groups: list[list[str]] | None = None
+    early: HessianAccumulator | None = None  # first group's Hessian, filled while batches arrive
 
 
 class SliceRunner:
@@ -229,9 +242,16 @@ class SliceRunner:
         self.active: set[str] = set()
         self.reports: list[dict] = []
         self.solved = 0  # layers solved here (not loaded back from the store)
-        self._early = None  # (layer, modules, groups, accumulator) of the first layer's first group
         self.busy = 0.0
         self.done = store.committed() if store is not None else set()
+        self._first: _Open | None = None
+
+    def _open(self, i: int, sample: torch.Tensor | None) -> _Open:
+        layer = self.trunk.load_layer(i)
+        o = _Open(layer, self.trunk.adapter.prunable(layer), self.trunk.adapter.layer_taps(layer))
+        if sample is not None:
+            o.groups = trace_groups(layer, o.modules, sample, self.kwargs[i], o.taps)
+        return o
 
     def push(self, stream: str, batch: torch.Tensor) -> None:
         """Take one batch; the first layer's first Hessian starts accumulating right away."""
@@ -239,19 +259,13 @@ class SliceRunner:
         batch = batch.to(self.trunk.device)
         self.streams[stream].append(batch)
         self.active.add(stream)
-        if stream == "calib" == self.hessians_from and self.layer_ids and not self._committed(self.layer_ids[0]):
-            if self._early is None:
-                i = self.layer_ids[0]
-                layer = self.trunk.load_layer(i)
-                modules = self.trunk.adapter.prunable(layer)
-                groups = trace_groups(layer, modules, batch, self.kwargs[i])
-                self._early = (layer, modules, groups, new_accumulators(modules, groups[:1], batch.device)[0])
-            layer, modules, groups, acc = self._early
-            accumulate_group(layer, modules, groups[0], [batch], self.kwargs[self.layer_ids[0]], acc)
+        first = self.layer_ids[0] if self.layer_ids else None
+        if stream == "calib" == self.hessians_from and first is not None and first not in self.done:
+            if self._first is None:
+                self._first = self._open(first, batch)
+            o = self._first
+            o.early = accumulate_group(o.layer, o.modules, o.groups[0], [batch], self.kwargs[first], o.early, o.taps)
         self.busy += time.perf_counter() - t0
-
-    def _committed(self, i: int) -> bool:
-        return i in self.done
 
     @torch.no_grad()
     def dense_outputs(self, stream: str = "calib_dense") -> list[torch.Tensor]:
@@ -282,42 +296,41 @@ class SliceRunner:
 
     def _layer(self, i: int) -> dict:
         trunk, kw, s = self.trunk, self.kwargs[i], self.streams
-        if self._early is not None and self._early[0] is trunk.layers[i]:
-            layer, modules, groups, early_acc = self._early
-            self._early = None
+        solve = i not in self.done
+        if self._first is not None and i == self.layer_ids[0]:
+            o, self._first = self._first, None
         else:
-            layer, early_acc = trunk.load_layer(i), None
-            modules = trunk.adapter.prunable(layer)
             src = s[self.hessians_from]
-            groups = trace_groups(layer, modules, src[0], kw) if src else None
+            o = self._open(i, src[0] if (solve and src) else None)
 
         dense_accs = None
         if "calib_dense" in self.active:
-            if self.hessians_from == "calib_dense" and not self._committed(i):
-                dense_accs = new_accumulators(modules, groups, s["calib_dense"][0].device)
-            with collecting(modules, groups, dense_accs or [], stop=False):  # one pass: outputs and Hessians
-                s["calib_dense"] = forward(layer, s["calib_dense"], kw)
+            if self.hessians_from == "calib_dense" and solve:
+                dense_accs = new_accumulators(o.modules, o.groups, s["calib_dense"][0].device)
+            # one pass gives the dense outputs and, in dense mode, every group's Hessian
+            with collecting(o.layer, o.modules, o.groups or [], dense_accs or [], stop=False, taps=o.taps):
+                s["calib_dense"] = forward(o.layer, s["calib_dense"], kw)
         if "eval_dense" in self.active:
-            s["eval_dense"] = forward(layer, s["eval_dense"], kw)
+            s["eval_dense"] = forward(o.layer, s["eval_dense"], kw)
 
-        if self._committed(i):
+        if not solve:
             tensors, report = self.store.load_layer(i)
             trunk.unload_layer(i)
             layer = trunk.load_layer(i, tensors)
             report = dict(report, resumed=True)
         else:
-            mod_reports = {}
-            for k, names in enumerate(groups):
+            layer, mod_reports = o.layer, {}
+            for k, names in enumerate(o.groups):
                 if dense_accs is not None:
                     acc = dense_accs[k]
-                elif k == 0 and early_acc is not None:
-                    acc = early_acc
+                elif k == 0 and o.early is not None:
+                    acc = o.early
                 else:
-                    acc = accumulate_group(layer, modules, names, s["calib"], kw)
-                mod_reports.update(prune_group(modules, names, acc, self.spec))
+                    acc = accumulate_group(layer, o.modules, names, s["calib"], kw, taps=o.taps)
+                mod_reports.update(prune_group(o.modules, names, acc, self.spec, f"layer {i} "))
                 del acc
-            report = {"layer": i, "groups": groups, "modules": mod_reports,
-                      "sparsity": _layer_sparsity(modules)}
+            report = {"layer": i, "groups": o.groups, "modules": mod_reports,
+                      "sparsity": _layer_sparsity(o.modules)}
             if self.store is not None:
                 prefix = trunk.layer_prefix(i)
                 self.store.commit_layer(i, {f"{prefix}.{n}": p.to(trunk.files.dtypes[f"{prefix}.{n}"])

@@ -232,12 +232,25 @@ class Progress:
             print(msg, file=self.stream, flush=True)
 
 
+def check_pattern(trunk: Trunk, spec: PruneSpec) -> None:
+    """N:M needs every pruned module's input width divisible by M: fail before any work."""
+    if not spec.nm:
+        return
+    m = spec.nm[1]
+    for i in range(trunk.n_layers):
+        for name, mod in trunk.adapter.prunable(trunk.layers[i]).items():
+            if mod.in_features % m:
+                raise ConfigError(f"N:M {spec.pattern()} needs input widths divisible by {m}; "
+                                  f"layer {i} {name} has {mod.in_features}")
+
+
 def run(cfg: RunConfig, quiet: bool = False) -> dict:
     """The single-process job. Returns the report (also written to `cfg.out`/report.json)."""
     t0 = time.perf_counter()
     p = prepare(cfg)
     out = OutputDir(cfg.out)
     trunk = Trunk(p.files, cfg.device, p.dtype)
+    check_pattern(trunk, p.spec)
     status = out.begin(fingerprint(p, [list(range(trunk.n_layers))]), cfg.overwrite)
     progress = Progress(trunk.n_layers, quiet)
     if status == "complete":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -25,6 +26,12 @@ class Adapter:
     head: str = "lm_head"
     # Only these Linear names (suffixes inside a layer) are pruned; empty = every nn.Linear.
     prune_only: tuple[str, ...] = ()
+    # Modules whose weight the layer uses directly (never calling the module), so a pre-hook never
+    # fires: name -> (module whose *output* carries the input, function output -> input).
+    taps: Callable[[nn.Module], dict[str, tuple[str, Callable]]] | None = None
+
+    def layer_taps(self, layer: nn.Module) -> dict[str, tuple[str, Callable]]:
+        return self.taps(layer) if self.taps else {}
 
     def layers_path(self, model: nn.Module) -> str:
         if self.layers:
@@ -71,8 +78,21 @@ def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def input_hook(layer: nn.Module, modules: dict[str, nn.Linear], name: str, sink, stop: bool = False,
+               taps: dict | None = None):
+    """Feed the input of module `name` to `sink`; `stop` then skips the rest of the layer's forward."""
+    def feed(x):
+        sink(x)
+        if stop:
+            raise _StopForward
+    if taps and name in taps:
+        src, fn = taps[name]
+        return layer.get_submodule(src).register_forward_hook(lambda mod, args, out: feed(fn(out)))
+    return modules[name].register_forward_pre_hook(lambda mod, args: feed(args[0]))
+
+
 def trace_groups(layer: nn.Module, modules: dict[str, nn.Linear], hidden: torch.Tensor,
-                 kwargs: dict) -> list[list[str]]:
+                 kwargs: dict, taps: dict | None = None) -> list[list[str]]:
     """Calibration order of a layer's modules, grouped by shared input, from one real forward.
 
     Modules that read the very same tensor (q/k/v; gate/up) form one group and share a Hessian.
@@ -80,8 +100,8 @@ def trace_groups(layer: nn.Module, modules: dict[str, nn.Linear], hidden: torch.
     A module that never runs is an error: its Hessian would be empty.
     """
     seen: list[tuple[str, torch.Tensor]] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.append((name, args[0])))
-             for name, m in modules.items()]
+    hooks = [input_hook(layer, modules, name, lambda x, name=name: seen.append((name, x)), taps=taps)
+             for name in modules]
     try:
         with torch.no_grad():
             call_layer(layer, hidden, kwargs)
@@ -102,15 +122,6 @@ def trace_groups(layer: nn.Module, modules: dict[str, nn.Linear], hidden: torch.
     if missing:
         raise UnsupportedModel(f"modules never called in a forward pass: {sorted(missing)}")
     return order
-
-
-def group_input_hook(module: nn.Module, sink, stop: bool):
-    """Pre-hook feeding a module's input to `sink`; `stop` skips the rest of the layer's forward."""
-    def hook(mod, args):
-        sink(args[0])
-        if stop:
-            raise _StopForward
-    return module.register_forward_pre_hook(hook)
 
 
 def run_until_hooks(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> None:
