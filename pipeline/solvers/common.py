@@ -1,0 +1,64 @@
+"""Pieces shared by the solvers: damping, the inverse-Hessian Cholesky factor, masks, error."""
+from __future__ import annotations
+
+import torch
+
+
+class CholeskyError(RuntimeError):
+    """A factorisation failed; the caller retries with more damping."""
+
+
+def damped(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
+    """H + λI with λ = percdamp · mean(diag H) (SparseGPT's damping); returns (H_damped, λ)."""
+    lam = percdamp * H.diagonal().mean().item()
+    Hd = H.clone()
+    Hd.diagonal().add_(lam)
+    return Hd, lam
+
+
+def cholesky(A: torch.Tensor, upper: bool = False) -> torch.Tensor:
+    """Cholesky of one or a batch of SPD matrices; raises CholeskyError instead of returning junk."""
+    L, info = torch.linalg.cholesky_ex(A, upper=upper)
+    if bool((info != 0).any()):  # NaN that slips through is caught by the final isfinite check
+        raise CholeskyError("matrix is not positive definite")
+    return L
+
+
+def inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
+    """Upper U with H⁻¹ = UᵀU; its trailing blocks give (H_FF)⁻¹ = U_FFᵀ U_FF for free."""
+    return cholesky(torch.cholesky_inverse(cholesky(H)), upper=True)
+
+
+def quota(sparsity: float, rows: int, i1: int, i2: int) -> int:
+    """Pruned count for columns [i1, i2): cumulative rounding, so any split of the columns
+    into blocks prunes exactly round(sparsity · rows · c) weights in total (half rounds up)."""
+    def total(i):
+        return int(sparsity * rows * i + 0.5)
+    return total(i2) - total(i1)
+
+
+def lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k lowest entries; ties go to the lower row-major index (stable sort),
+    which matters because 4-bit dequantized weights tie a lot."""
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    mask[torch.sort(scores.flatten(), stable=True).indices[:k]] = True
+    return mask.view(scores.shape)
+
+
+def lowest_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Bool mask of the n lowest of every m consecutive entries of each row (stable ties)."""
+    r, c = scores.shape
+    idx = torch.sort(scores.reshape(r, c // m, m), dim=2, stable=True).indices[..., :n]
+    mask = torch.zeros(r, c // m, m, dtype=torch.bool, device=scores.device)
+    return mask.scatter_(2, idx, True).view(r, c)
+
+
+def saliency_mask(W1: torch.Tensor, U1: torch.Tensor, k: int) -> torch.Tensor:
+    """SparseGPT's block mask: prune the k lowest w²/U_jj² of the block."""
+    return lowest(W1 ** 2 / U1.diagonal().unsqueeze(0) ** 2, k)
+
+
+def error(W: torch.Tensor, W0: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(ΔW H ΔWᵀ), ΔW = W - W0, in float64 (half-precision inputs would lose ΔW itself)."""
+    dW = W.double() - W0.double()
+    return float(((dW @ H.double()) * dW).sum())
