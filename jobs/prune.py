@@ -92,7 +92,9 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help, or a one-line usage error
         return e.code if isinstance(e.code, int) else 2
     try:
-        cfg = config_from_args(a).resolve()  # bad options fail here, before Ray or any file
+        # Bad options fail here, before Ray or any file; device defaults are resolved where the
+        # work runs (a Ray driver on a CPU head must not pick CPU defaults for GPU stages).
+        cfg = config_from_args(a).validate()
         if distributed(a):
             from actors.driver import run_distributed
             report = run_distributed(cfg, quiet=a.quiet)

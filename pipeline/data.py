@@ -40,12 +40,11 @@ def read_text(path: str | Path) -> str:
 
 
 def first_token_id(tokenizer) -> tuple[int, str]:
-    """The token every window starts with: `<|endoftext|>` where it is id 0's role (SmolLM2, GPT-2
-    style), else BOS, else EOS."""
+    """The token every window starts with: `<|endoftext|>` when the tokenizer has it and no real
+    BOS (SmolLM2's BOS is a chat marker), else BOS, else EOS."""
     vocab = tokenizer.get_vocab()
-    for tok in ("<|endoftext|>",):
-        if tok in vocab and tokenizer.bos_token in (None, "<|im_start|>", tok):
-            return vocab[tok], tok
+    if "<|endoftext|>" in vocab and tokenizer.bos_token in (None, "<|im_start|>", "<|endoftext|>"):
+        return vocab["<|endoftext|>"], "<|endoftext|>"
     for tid, tok in ((tokenizer.bos_token_id, tokenizer.bos_token), (tokenizer.eos_token_id, tokenizer.eos_token)):
         if tid is not None:
             return tid, tok

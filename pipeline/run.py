@@ -50,8 +50,8 @@ class RunConfig:
     overwrite: bool = False
     solver_options: dict = field(default_factory=dict)
 
-    def resolve(self) -> "RunConfig":
-        """Validate and fill defaults; every problem is one ConfigError naming the value."""
+    def validate(self) -> "RunConfig":
+        """Check the options that need no machine facts; every problem is one ConfigError."""
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.mode not in MODES:
@@ -65,12 +65,19 @@ class RunConfig:
             self.sparsity = None
         elif self.sparsity is None or not (0 < self.sparsity < 1):
             raise ConfigError(f"sparsity must be in (0, 1), got {self.sparsity}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"unknown dtype {self.dtype!r}; choose auto, float32, bfloat16 or float16")
+        return self
+
+    def resolve(self) -> "RunConfig":
+        """Validate and fill the defaults that depend on this machine's device."""
+        self.validate()
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         elif self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda requested but torch sees no CUDA device")
-        elif self.device not in ("cpu", "cuda"):
-            raise ConfigError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
         gpu = self.device == "cuda"
         # The literature's 128 x 2048 is a GPU default; on a 2-core CPU the default must run in minutes.
         self.nsamples = self.nsamples if self.nsamples is not None else (128 if gpu else 16)
@@ -82,8 +89,6 @@ class RunConfig:
             raise ConfigError(f"--seqlen must be at least 2, got {self.seqlen}")
         if self.eval_windows < 0:
             raise ConfigError(f"--eval-windows must be >= 0, got {self.eval_windows}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"unknown dtype {self.dtype!r}; choose auto, float32, bfloat16 or float16")
         return self
 
 

@@ -104,7 +104,7 @@ def trace_groups(layer: nn.Module, modules: dict[str, nn.Linear], hidden: torch.
              for name in modules]
     try:
         with torch.no_grad():
-            call_layer(layer, hidden, kwargs)
+            call_layer(layer, hidden[:1], kwargs)  # kwargs were captured for batch 1
     finally:
         for h in hooks:
             h.remove()

@@ -1,0 +1,317 @@
+"""One pipeline stage: a thin Ray actor around `pipeline.calibrate.SliceRunner`.
+
+A stage owns a contiguous slice of decoder layers. It loads only those layers, one at a time, from
+the safetensors shards (the first stage also the embeddings, for `Trunk.embed`; the last stage also
+the final norm and head, for `Trunk.nll`), and commits each pruned layer straight into the output
+through `OutputDir`. It moves tensors and calls the core; it holds no solver or model code.
+
+Activations travel between stages as numpy arrays, which Ray hands over zero-copy from its object
+store. Such arrays are read-only shared memory, so a stage copies a batch once on arrival.
+
+Logical streams, as the driver names them:
+
+    calib        calibration batches handed downstream (pruned outputs in sequential mode, dense
+                 outputs in stagewise and dense modes)
+    eval_dense   evaluation windows through the dense layers
+    eval_pruned  evaluation windows through the pruned layers
+
+Routing inside a stage, by mode:
+
+    sequential   everything goes into the slice runner before it runs, exactly as the single-process
+                 job does (hessians from "calib"); outputs are taken after the run.
+    stagewise    calib and eval_dense are buffered; `dense_pass` forwards them through the dense
+    dense        layers of the slice for the next stage, then feeds calib to the runner ("calib"
+                 with hessians_from="calib" in stagewise: layers see the pruned layers before them in
+                 this stage; "calib_dense" with hessians_from="calib_dense" in dense mode).
+                 eval_pruned pushed after the run goes through the committed (pruned) layers,
+                 loaded back from the output (`post_pass`).
+"""
+from __future__ import annotations
+
+import os
+import resource
+import time
+
+import numpy as np
+import torch
+
+from pipeline import data, loading
+from pipeline.calibrate import PruneSpec, SliceRunner, Trunk
+from pipeline.checkpoint import OutputDir
+
+STREAMS = ("calib", "eval_dense", "eval_pruned")
+
+
+# -- moving tensors ----------------------------------------------------------------------------
+def pack(t: torch.Tensor) -> tuple[str, np.ndarray]:
+    """A tensor as a numpy array Ray can share zero-copy (bfloat16 travels as its int16 bits)."""
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype == torch.bfloat16:
+        return "bfloat16", t.view(torch.int16).numpy()
+    return str(t.dtype).removeprefix("torch."), t.numpy()
+
+
+def unpack(obj: tuple[str, np.ndarray], device) -> torch.Tensor:
+    """Own a copy: zero-copy arrays from the object store are read-only."""
+    name, arr = obj
+    t = torch.from_numpy(np.array(arr, copy=True))
+    if name == "bfloat16":
+        t = t.view(torch.bfloat16)
+    return t.to(device)
+
+
+def to_cpu(obj):
+    """Per-layer keyword arguments (masks, rotary embeddings...) made safe to ship between processes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu")
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def current_rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+_LIBC = None
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap memory back to the system. glibc keeps freed blocks (its mmap threshold grows
+    with each large free), so without this a stage's resident memory creeps up by about a layer per
+    layer solved. Called after each layer: costs ~3% of a layer's time; a fixed low mmap threshold
+    (mallopt) did the same job at ~20%, since every activation then costs fresh page faults."""
+    global _LIBC
+    try:
+        if _LIBC is None:
+            import ctypes
+            _LIBC = ctypes.CDLL("libc.so.6")
+        _LIBC.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        _LIBC = False
+
+
+def stage_device(requested: str) -> str:
+    """CUDA only when torch sees it (Ray's GPU ids may be logical), and not when --device cpu."""
+    return "cuda" if requested != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+class Stage:
+    """Decoder layers `layer_ids` of the model in `folder`; see the module docstring."""
+
+    def __init__(self, index: int, device: str = "auto", threads: int | None = None):
+        t0 = time.time()
+        if threads:
+            torch.set_num_threads(threads)
+        self.index = index
+        self.device = stage_device(device)
+        self.events: list[tuple[str, float, float]] = [("init", t0, time.time())]
+        self.busy = 0.0
+        self.failed: BaseException | None = None
+        self.t_ready = time.time()
+        self.base_rss_mb = current_rss_mb()
+
+    def ready(self) -> dict:
+        """What torch sees here; the driver resolves its configuration for this device."""
+        return {"stage": self.index, "device": self.device, "pid": os.getpid()}
+
+    def warm(self, folder: str, model: str | None) -> None:
+        """Read the model's config and shard headers, and import its modeling code: the slow part of
+        a fresh process, done while the driver tokenizes."""
+        def f(folder):
+            if not os.path.isdir(folder):  # another node: the driver's converted copy is not here
+                from pipeline.run import model_folder
+                folder = str(model_folder(model))
+            self.files = loading.ModelFiles(folder)
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+            try:
+                MODEL_FOR_CAUSAL_LM_MAPPING[type(self.files.config)]
+            except KeyError:
+                pass  # setup reports unsupported architectures
+        self._timed("warm", f, folder)
+
+    def setup(self, layer_ids: list[int], spec: PruneSpec, mode: str, out: str, dtype: str, device: str,
+              sink=None) -> None:
+        """The slice: a meta skeleton (no weights yet), the output, and the routing for `mode`."""
+        def f():
+            if device != self.device:
+                raise RuntimeError(f"this stage's torch sees {self.device} but the first stage's sees {device}; "
+                                   f"use a cluster whose stage nodes all have GPUs, or none")
+            self.layer_ids, self.spec, self.mode, self.sink = list(layer_ids), spec, mode, sink
+            self.trunk = Trunk(self.files, self.device, getattr(torch, dtype))
+            self.store = OutputDir(out)
+            self.hf = "calib_dense" if mode == "dense" else "calib"
+            self.kwargs: list[dict] | None = None
+            self.main: SliceRunner | None = None
+            self.post: SliceRunner | None = None
+            self.inbox: dict[str, list[torch.Tensor]] = {s: [] for s in STREAMS}
+            self.outbox: dict[str, list[torch.Tensor | None]] = {}
+            self.ran = False
+        self._timed("setup", f)
+        self.base_rss_mb = current_rss_mb()  # torch, transformers and the skeleton: before any weight
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _timed(self, name: str, fn, *args):
+        if self.failed is not None:  # later calls report the first failure, not a consequence of it
+            try:
+                again = type(self.failed)(*self.failed.args)
+            except Exception:  # noqa: BLE001 - an exception type with another constructor
+                again = RuntimeError(str(self.failed))
+            raise again
+        t0 = time.time()
+        try:
+            return fn(*args)
+        except Exception as e:
+            if e.args and isinstance(e.args[0], str) and not e.args[0].startswith("stage "):
+                e.args = (f"stage {self.index}: {e.args[0]}",) + e.args[1:]  # whichever call reports it
+            self.failed = e
+            raise
+        finally:
+            t1 = time.time()
+            self.busy += t1 - t0
+            if self.events and self.events[-1][0] == name and t0 - self.events[-1][2] < 0.01:
+                self.events[-1] = (name, self.events[-1][1], t1)  # merge runs of small calls
+            else:
+                self.events.append((name, t0, t1))
+
+    def _on_layer(self, i: int, report: dict) -> None:
+        return_freed_memory()
+        if self.sink is not None:
+            self.sink.put.remote((self.index, i, report))
+
+    def _runner(self, store=True) -> SliceRunner:
+        return SliceRunner(self.trunk, self.layer_ids, self.spec, self.kwargs, self.hf,
+                           self.store if store else None, self._on_layer)
+
+    def _receive(self, stream: str, t: torch.Tensor) -> None:
+        if stream == "eval_pruned":
+            if not self.ran:
+                self.main.push("eval_pruned", t)
+            else:  # after the run: through the committed layers, loaded back
+                if self.post is None:
+                    self.post = SliceRunner(self.trunk, self.layer_ids, self.spec, self.kwargs, self.hf, self.store,
+                                            lambda i, report: return_freed_memory())
+                self.post.push("eval_pruned", t)
+        elif self.mode == "sequential":
+            self.main.push(self.hf if stream == "calib" else stream, t)
+        else:
+            self.inbox[stream].append(t)
+
+    # -- what the driver calls -----------------------------------------------------------------
+    def embed(self, calib_ids: np.ndarray, eval_ids: np.ndarray | None, batch_size: int):
+        """First stage: hidden states entering layer 0 for every stream; returns the per-layer
+        keyword arguments (on CPU) for the other stages."""
+        return self._timed("embed", self._embed, calib_ids, eval_ids, batch_size)
+
+    def _embed(self, calib_ids, eval_ids, batch_size):
+        hidden, kwargs = self.trunk.embed(data.batches(torch.from_numpy(np.array(calib_ids)), batch_size))
+        self.kwargs = kwargs
+        self.main = self._runner()
+        for b in hidden:
+            self._receive("calib", b)
+        if eval_ids is not None:
+            ev, _ = self.trunk.embed(data.batches(torch.from_numpy(np.array(eval_ids)), batch_size))
+            for b in ev:
+                self._receive("eval_dense", b)
+                self._receive("eval_pruned", b)
+        return to_cpu(kwargs)
+
+    def set_kwargs(self, kwargs: list[dict]) -> None:
+        self.kwargs = to_device(kwargs, self.device)
+        self.main = self._runner()
+
+    def push(self, stream: str, batch: tuple[str, np.ndarray]) -> None:
+        """One batch from upstream; in sequential mode the first Hessian accumulates right away."""
+        self._timed("push", lambda: self._receive(stream, unpack(batch, self.trunk.device)))
+
+    def dense_pass(self, emit: list[str]) -> dict:
+        """stagewise / dense: forward the buffered streams through the dense slice for the next stage
+        (`emit`), then hand calib to the runner. Returns the number of batches per emitted stream."""
+        return self._timed("dense", self._dense_pass, emit)
+
+    def _dense_pass(self, emit):
+        names = {"calib": "calib_dense", "eval_dense": "eval_dense"}
+        aux = self._runner(store=False)  # stream names that never trigger Hessian accumulation
+        for stream in emit:
+            for b in self.inbox[stream]:
+                aux.push(names[stream], b)
+            self.outbox[stream] = aux.dense_outputs(names[stream])
+            return_freed_memory()
+        for b in self.inbox["calib"]:
+            self.main.push(self.hf, b)
+        self.inbox = {s: [] for s in STREAMS}
+        return {s: len(self.outbox[s]) for s in emit}
+
+    def run(self) -> dict:
+        return self._timed("run", self._run)
+
+    def _run(self):
+        reports = self.main.run()
+        self.ran = True
+        active = self.main.active
+        if self.mode == "sequential":
+            for stream, name in (("calib", self.hf), ("eval_dense", "eval_dense"), ("eval_pruned", "eval_pruned")):
+                if name in active:
+                    self.outbox[stream] = self.main.streams[name]
+        elif "eval_pruned" in active:
+            self.outbox["eval_pruned"] = self.main.streams["eval_pruned"]
+        self.main.streams = {s: [] for s in self.main.streams}  # outputs now live in the outbox only
+        return {"reports": reports, "solved": self.main.solved}
+
+    def post_pass(self) -> int:
+        """eval_pruned that arrived after the run: through this stage's committed layers."""
+        return self._timed("post", self._post_pass)
+
+    def _post_pass(self):
+        self.post.run()
+        self.outbox["eval_pruned"] = self.post.streams["eval_pruned"]
+        self.post = None
+        return len(self.outbox["eval_pruned"])
+
+    def take(self, stream: str, j: int) -> tuple[str, np.ndarray]:
+        """Batch j of an output stream, for the next stage; the stage lets go of it."""
+        def f():
+            t = self.outbox[stream][j]
+            self.outbox[stream][j] = None
+            return pack(t)
+        return self._timed("take", f)
+
+    def nll(self, eval_ids: np.ndarray, batch_size: int) -> dict:
+        """Last stage: summed NLL and token count of the dense and pruned evaluation streams."""
+        def f():
+            ids = data.batches(torch.from_numpy(np.array(eval_ids)), batch_size)
+            return {k: self.trunk.nll(self.outbox[k], ids) for k in ("eval_dense", "eval_pruned")}
+        return self._timed("nll", f)
+
+    def facts(self) -> dict:
+        import ray
+
+        now = time.time()
+        last = max(e[2] for e in self.events)
+        out = {"stage": self.index, "layers": self.layer_ids, "device": self.device, "pid": os.getpid(),
+               "node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+               "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()], "torch_threads": torch.get_num_threads(),
+               "busy_s": round(self.busy, 3), "idle_s": round(max(0.0, last - self.t_ready - self.busy), 3),
+               "init_s": round(self.t_ready - self.events[0][1], 3),
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "base_rss_mb": self.base_rss_mb, "rss_now_mb": current_rss_mb(),
+               "events": [(n, round(a, 4), round(b, 4)) for n, a, b in self.events], "clock": now}
+        if self.device == "cuda":
+            out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return out

@@ -1,0 +1,398 @@
+"""The Ray pipeline: K stage actors give the single-process result, placed and fed as promised.
+
+Equality tolerance: none. A stage runs the same `SliceRunner` code on the same float32 tensors, in
+the same order, as the single process; only the process boundary differs, and activations cross
+it as exact copies (numpy arrays, kwargs pickled). What does change results is torch's thread
+count (BLAS splits reductions differently; we measured ~2e-6 weight differences, identical masks,
+between 1 and 2 threads). Stages on logical GPUs run one thread, so every single-process reference
+here runs with one thread too, and outputs must be bit-identical.
+
+Ray runs locally with logical GPUs (`num_gpus=3` on a CPU box): stages ask for one GPU each and,
+seeing no CUDA in torch, run on the CPU with one thread.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNTIME_ENV = {"env_vars": {"PYTHONPATH": str(ROOT)}}
+
+
+# -- Ray, started once (a test that needs another cluster shuts it down; the next test restarts it) --
+@pytest.fixture(scope="session")
+def _ray_state():
+    state = {"kind": None}
+    yield state
+    import ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_ray_state):
+    import ray
+    if _ray_state["kind"] != "local" or not ray.is_initialized():
+        ray.shutdown()
+        ray.init(num_cpus=2, num_gpus=3, include_dashboard=False, logging_level="WARNING",
+                 runtime_env=RUNTIME_ENV)
+        _ray_state["kind"] = "local"
+    return ray
+
+
+# -- helpers -------------------------------------------------------------------------------------
+@contextmanager
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def prune(argv: list[str]) -> int:
+    from jobs.prune import main
+    return main([str(a) for a in argv])
+
+
+def tensors(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    got = {}
+    for f in sorted((out / "layers").glob("*.safetensors")) + [out / "rest.safetensors"]:
+        got.update(load_file(f))
+    return got
+
+
+def assert_identical(a: Path, b: Path) -> None:
+    ta, tb = tensors(a), tensors(b)
+    assert sorted(ta) == sorted(tb)
+    for k in ta:
+        assert torch.equal(ta[k] == 0, tb[k] == 0), f"mask of {k} differs"
+        assert torch.equal(ta[k], tb[k]), f"{k} differs by {(ta[k] - tb[k]).abs().max().item():.3g}"
+
+
+def report(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+def tiny_argv(model: Path, texts: dict, out: Path, *extra) -> list:
+    return ["--model", model, "--calib", texts["calib"], "--eval", texts["eval"], "--nsamples", 8, "--seqlen", 32,
+            "--eval-windows", 4, "--batch-size", 2, "--out", out, "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory, tiny_model, short_texts):
+    """Runs on the tiny llama, made once each: runs(mode, stages) -> output folder.
+    stages=0 is the single-process job (one thread)."""
+    done: dict = {}
+    base = tmp_path_factory.mktemp("tiny-runs")
+
+    def get(mode: str, stages: int, method: str = "multiweight") -> Path:
+        key = (mode, stages, method)
+        if key not in done:
+            out = base / f"{mode}-{stages}-{method}"
+            argv = tiny_argv(tiny_model("llama"), short_texts, out, "--mode", mode, "--method", method)
+            if stages == 0:
+                from pipeline.run import run
+                from jobs.prune import config_from_args, parser
+                with one_thread():
+                    run(config_from_args(parser().parse_args([str(a) for a in argv])).resolve(), quiet=True)
+            else:
+                assert prune(argv + ["--stages", stages]) == 0
+            done[key] = out
+        return done[key]
+
+    return get
+
+
+# -- partition -----------------------------------------------------------------------------------
+def test_partition_is_contiguous_and_balanced():
+    from actors.driver import partition
+
+    assert partition([1] * 30, 3) == [list(range(0, 10)), list(range(10, 20)), list(range(20, 30))]
+    w = [5, 1, 1, 1, 1, 1, 5, 1, 1, 1, 1, 1]
+    parts = partition(w, 3)
+    assert [i for p in parts for i in p] == list(range(12)) and all(parts)
+    best = min(max(sum(w[:a]), sum(w[a:b]), sum(w[b:])) for a in range(1, 11) for b in range(a + 1, 12))
+    assert max(sum(w[i] for i in p) for p in parts) == best == 8
+    assert partition([3, 3, 3], 3) == [[0], [1], [2]]
+    with pytest.raises(ValueError):
+        partition([1, 1], 3)
+
+
+# -- equality with the single process -------------------------------------------------------------
+@pytest.mark.slow
+def test_sequential_three_stages_equal_single_process_on_real_model(ray_local, tmp_path, real_model_dir, short_texts):
+    """SmolLM2 (30 layers), a few short windows: 3 stages of 10 layers give the single-process output,
+    bit for bit (see the module docstring), and report what each stage did."""
+    argv = ["--model", real_model_dir, "--calib", short_texts["calib"], "--eval", short_texts["eval"],
+            "--method", "sparsegpt", "--nsamples", 4, "--seqlen", 64, "--eval-windows", 2, "--quiet"]
+    with one_thread():
+        assert prune(argv + ["--out", tmp_path / "single"]) == 0
+    assert prune(argv + ["--out", tmp_path / "k3", "--stages", 3, "--mode", "sequential"]) == 0
+
+    assert_identical(tmp_path / "single", tmp_path / "k3")
+    one, three = report(tmp_path / "single"), report(tmp_path / "k3")
+    assert three["perplexity"] == one["perplexity"]
+    assert three["stages"] == 3 and three["layers_solved"] == 30
+    pipe = three["pipeline"]
+    assert pipe["partition"] == [list(range(0, 10)), list(range(10, 20)), list(range(20, 30))]
+    for s, facts in enumerate(pipe["stage_facts"]):
+        assert facts["layers"] == pipe["partition"][s]
+        assert facts["device"] == "cpu" and facts["torch_threads"] == 1 and len(facts["ray_gpu_ids"]) == 1
+        assert facts["busy_s"] > 0 and facts["idle_s"] >= 0 and facts["peak_rss_mb"] > 0
+    # sequential: each stage starts its run only after the previous one finished
+    runs = [next(e for e in f["events"] if e[0] == "run") for f in pipe["stage_facts"]]
+    assert all(runs[s][1] >= runs[s - 1][2] for s in range(1, 3))
+    assert (tmp_path / "k3" / "timeline.png").read_bytes()[:4] == b"\x89PNG"
+    # the same settings in one process and on 3 stages are one run: a rerun either way is a no-op
+    assert json.loads((tmp_path / "k3" / ".mwprune" / "fingerprint.json").read_text()) == \
+        json.loads((tmp_path / "single" / ".mwprune" / "fingerprint.json").read_text())
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mamba"])
+def test_sequential_stages_equal_single_process_other_families(ray_local, tmp_path, tiny_model, short_texts, family):
+    """Layers of two kinds (qwen3) and Mamba blocks: per-layer arguments survive the trip between stages."""
+    model = tiny_model(family)
+    with one_thread():
+        assert prune(tiny_argv(model, short_texts, tmp_path / "single", "--method", "sparsegpt")) == 0
+    assert prune(tiny_argv(model, short_texts, tmp_path / "k3", "--method", "sparsegpt", "--stages", 3)) == 0
+    assert_identical(tmp_path / "single", tmp_path / "k3")
+    assert report(tmp_path / "k3")["perplexity"] == report(tmp_path / "single")["perplexity"]
+
+
+def test_dense_mode_gives_the_same_output_for_any_number_of_stages(ray_local, tiny_runs):
+    for k in (1, 2, 3):
+        assert_identical(tiny_runs("dense", 0), tiny_runs("dense", k))
+    assert report(tiny_runs("dense", 3))["perplexity"] == report(tiny_runs("dense", 0))["perplexity"]
+    # every stage but the last handed its dense outputs downstream before it started pruning, so the
+    # stages can prune at the same time (how much they overlap is measured by jobs/bench_pipeline.py)
+    for f in report(tiny_runs("dense", 3))["pipeline"]["stage_facts"][:-1]:
+        names = [e[0] for e in f["events"]]
+        assert "dense" in names and "take" in names and names.index("take") < names.index("run"), names
+
+
+def test_stagewise_one_layer_per_stage_and_one_stage(ray_local, tiny_runs):
+    """One stage holding every layer is the sequential job. One layer per stage feeds every layer dense
+    inputs, as dense mode does: the first group of each layer (q, k, v, which read the layer's input)
+    is identical to dense mode. Later groups are calibrated inside the layer on the pruned groups
+    before them ("calib" Hessians), so o_proj and the MLP differ from dense mode, by design of the
+    core's calibration order, not by any transport error."""
+    assert_identical(tiny_runs("sequential", 0), tiny_runs("stagewise", 1))
+
+    sw, dense = tensors(tiny_runs("stagewise", 3)), tensors(tiny_runs("dense", 0))
+    first_group = [k for k in sw if any(f".self_attn.{m}." in k for m in ("q_proj", "k_proj", "v_proj"))]
+    assert len(first_group) == 9
+    for k in first_group:
+        assert torch.equal(sw[k], dense[k]), k
+    assert not torch.equal(sw["model.layers.0.mlp.down_proj.weight"], dense["model.layers.0.mlp.down_proj.weight"])
+    # stagewise results depend on the stage boundaries: the partition is part of the fingerprint
+    fp = json.loads((tiny_runs("stagewise", 3) / ".mwprune" / "fingerprint.json").read_text())
+    assert fp["parts"]["partition"] == [[0], [1], [2]]
+
+
+# -- placement -----------------------------------------------------------------------------------
+def test_placement_across_nodes(_ray_state, tiny_runs, tiny_model, short_texts, tmp_path, real_model_dir,
+                                monkeypatch, capsys):
+    """A fake three-node cluster: a head without GPUs and two nodes with two logical GPUs each."""
+    reference = tiny_runs("sequential", 0)  # before switching clusters
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    _ray_state["kind"] = "cluster"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
+    try:
+        gpu_nodes = {cluster.add_node(num_cpus=1, num_gpus=2).node_id for _ in range(2)}
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="WARNING", runtime_env=RUNTIME_ENV)
+
+        # PACK (default): 3 stages fill one node's two GPUs, the third lands on the other node
+        argv = tiny_argv(tiny_model("llama"), short_texts, tmp_path / "pack")
+        assert prune(argv + ["--stages", 3]) == 0
+        facts = report(tmp_path / "pack")["pipeline"]["stage_facts"]
+        nodes = [f["node_id"] for f in facts]
+        assert set(nodes) <= gpu_nodes and sorted(nodes.count(n) for n in set(nodes)) == [1, 2]
+        assert_identical(reference, tmp_path / "pack")  # activations crossed nodes, exactly
+
+        # SPREAD: two stages on two nodes
+        monkeypatch.setenv("MWPRUNE_PLACEMENT", "SPREAD")
+        assert prune(tiny_argv(tiny_model("llama"), short_texts, tmp_path / "spread") + ["--stages", 2]) == 0
+        assert len({f["node_id"] for f in report(tmp_path / "spread")["pipeline"]["stage_facts"]}) == 2
+
+        # more stages than GPUs: one line, exit 2, nothing written
+        capsys.readouterr()
+        bad = tmp_path / "five"
+        assert prune(["--model", real_model_dir, "--out", bad, "--stages", 5, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cluster can place" in err[0] and "4 GPUs" in err[0], err
+        assert not bad.exists()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        _ray_state["kind"] = None
+
+
+# -- bad --stages ----------------------------------------------------------------------------------
+def test_more_stages_than_layers_is_one_line_and_writes_nothing(tmp_path, tiny_model, short_texts):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "jobs.prune", *map(str, tiny_argv(tiny_model("llama"), short_texts, out)),
+                           "--stages", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RAY_ADDRESS": ""})
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--stages 4" in lines[0] and "3 decoder layers" in lines[0], proc.stderr
+    assert not out.exists()
+
+
+def test_more_stages_than_the_cluster_holds_is_one_line(ray_local, tmp_path, real_model_dir, capsys):
+    out = tmp_path / "out"
+    assert prune(["--model", real_model_dir, "--out", out, "--stages", 4, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "more than the cluster can place" in err[0] and "3 GPUs" in err[0], err
+    assert not out.exists()
+
+
+# -- failures and resume ----------------------------------------------------------------------------
+def test_a_failing_stage_is_one_line_naming_stage_and_layer(ray_local, tmp_path, tiny_model, short_texts, capsys):
+    import shutil
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "inf-model"
+    shutil.copytree(tiny_model("llama"), bad)
+    sd = load_file(bad / "model.safetensors")
+    sd["model.layers.1.mlp.down_proj.weight"][0, 0] = float("inf")
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert prune(tiny_argv(bad, short_texts, tmp_path / "out", "--stages", 3)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: stage 1: ") and "layer 1" in err[0], err
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_stages_resume_from_committed_layers(ray_local, tmp_path, tiny_runs, tiny_model, short_texts):
+    """A run that stopped after some layers committed: the rerun on stages loads them back, solves the
+    rest, and ends with the uninterrupted result."""
+    import shutil
+
+    whole = tiny_runs("sequential", 3)
+    out = tmp_path / "out"
+    shutil.copytree(whole, out)
+    for f in ("config.json", "report.json", "rest.safetensors", "model.safetensors.index.json", "timeline.png"):
+        (out / f).unlink()
+    (out / ".mwprune" / "layers" / "00002.json").unlink()  # layer 2 never committed
+    assert prune(tiny_argv(tiny_model("llama"), short_texts, out, "--mode", "sequential", "--method", "multiweight",
+                           "--stages", 3)) == 0
+    again = report(out)
+    assert again["layers_resumed"] == 2 and again["layers_solved"] == 1
+    assert_identical(whole, out)
+
+
+# -- memory ----------------------------------------------------------------------------------------
+def _random_llama(folder: Path, layers: int, real_model_dir: Path) -> int:
+    """A random llama written straight from the meta device (no default init): returns its bytes."""
+    import shutil
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=layers, num_attention_heads=8,
+                         num_key_value_heads=8, tie_word_embeddings=True, vocab_size=49152, max_position_embeddings=256)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
+    model.tie_weights()
+    model.save_pretrained(folder)
+    for f in real_model_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, folder / f.name)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_no_stage_holds_more_than_its_slice(ray_local, tmp_path, real_model_dir, short_texts):
+    """48 layers of 10.5 MB plus a 100 MB (tied) embedding, 3 stages of 16 layers. Each stage's peak
+    resident memory above what it had before its first weight (torch, transformers, the meta skeleton)
+    stays below its slice: its layers, plus the embedding for the first stage and the head for the
+    last. The middle stage, which loads no embedding, stays below its 16 layers alone. (Measured:
+    110-140 MB for every stage, whatever its slice: one layer at a time, its Hessians and solver
+    workspace, a serialized copy for the commit, and allocator slack.)"""
+    folder = tmp_path / "model"
+    model_bytes = _random_llama(folder, 48, real_model_dir)
+    mb = 2**20
+    layer_bytes = 4 * 512 * 512 * 4 + 3 * 512 * 1024 * 4 + 2 * 512 * 4
+    embed_bytes = 49152 * 512 * 4
+    assert abs(model_bytes - (48 * layer_bytes + embed_bytes + 512 * 4)) < mb
+    out = tmp_path / "out"
+    assert prune(["--model", folder, "--calib", short_texts["calib"], "--eval", short_texts["eval"], "--method", "magnitude",
+                  "--nsamples", 4, "--seqlen", 32, "--eval-windows", 2, "--batch-size", 2, "--stages", 3,
+                  "--out", out, "--quiet"]) == 0
+    facts = report(out)["pipeline"]["stage_facts"]
+    for f in facts:
+        grew = (f["peak_rss_mb"] - f["base_rss_mb"]) * mb
+        slice_bytes = len(f["layers"]) * layer_bytes + (embed_bytes if f["stage"] in (0, 2) else 0)
+        assert grew < slice_bytes, (f["stage"], grew / mb, slice_bytes / mb)
+        assert grew < model_bytes / 3, (f["stage"], grew / mb, model_bytes / mb)
+    middle = facts[1]
+    assert (middle["peak_rss_mb"] - middle["base_rss_mb"]) * mb < 16 * layer_bytes
+
+
+# -- ray job submit ---------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_same_command(_ray_state, tmp_path, tiny_model, short_texts):
+    """`ray job submit --working-dir . -- python -m jobs.prune ...` against a local head."""
+    import ray
+    ray.shutdown()  # one cluster at a time on two cores
+    _ray_state["kind"] = None
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    dash = _free_port()
+    bindir = Path(sys.executable).parent
+    temp = Path("/tmp") / f"rayjob-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    head = subprocess.Popen(
+        [bindir / "ray", "start", "--head", "--block", "--num-cpus=2", f"--port={_free_port()}",
+         f"--dashboard-port={dash}", "--include-dashboard=true", f"--dashboard-agent-listen-port={_free_port()}",
+         f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while subprocess.run([bindir / "ray", "job", "list", "--address", address], env=env,
+                             capture_output=True).returncode != 0:
+            assert head.poll() is None and time.time() < deadline, "head did not come up"
+            time.sleep(2)
+        out = tmp_path / "out"
+        proc = subprocess.run(
+            [bindir / "ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
+             "python", "-m", "jobs.prune", *map(str, tiny_argv(tiny_model("llama"), short_texts, out)), "--stages", "2"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "succeeded" in proc.stdout + proc.stderr
+        r = report(out)
+        assert r["stages"] == 2 and (out / "config.json").exists()
+        assert [f["layers"] for f in r["pipeline"]["stage_facts"]] == r["pipeline"]["partition"]
+    finally:
+        head.send_signal(signal.SIGTERM)  # --block: the head stops the processes it started
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        import shutil
+        shutil.rmtree(temp, ignore_errors=True)
