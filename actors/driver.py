@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +46,10 @@ STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 class PlacementError(ValueError):
     pass
+
+
+class StageLost(RuntimeError):
+    """A stage's process or node died; its committed layers survive in --out."""
 
 
 def _env_int(name: str, default: int) -> int:
@@ -218,6 +223,9 @@ class Driver:
 
         try:
             return ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
+            stage = self.owner.get(ref)
+            raise StageLost(f"stage {stage} lost: {type(e).__name__}") from None
         except ray.exceptions.RayError as e:
             raise _unwrap(e, self.owner.get(ref)) from None
 
@@ -460,5 +468,20 @@ def timeline_png(facts: list[dict], title: str) -> bytes | None:
 
 
 def run_distributed(cfg: RunConfig, quiet: bool = False) -> dict:
-    """The K-stage job on Ray. Returns the report (also written to `cfg.out`/report.json)."""
-    return Driver(cfg, quiet).run()
+    """The K-stage job on Ray. Returns the report (also written to `cfg.out`/report.json).
+
+    A stage that dies (its process killed, its node lost) ends the attempt; the job then starts
+    again by itself, up to MWPRUNE_STAGE_RETRIES (3) times, and resumes from the layers the stages
+    had committed: only unfinished layers are solved again, and the result is unchanged.
+    """
+    retries = max(0, _env_int("MWPRUNE_STAGE_RETRIES", 3))
+    for attempt in range(retries + 1):
+        try:
+            return Driver(dataclasses.replace(cfg), quiet).run()
+        except StageLost as e:
+            if attempt == retries:
+                raise StageLost(f"{e}; gave up after {retries} restarts (rerun the command to resume)") from None
+            if not quiet:
+                print(f"{e}: restarting the stages (attempt {attempt + 2} of {retries + 1}); committed layers are kept",
+                      file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")

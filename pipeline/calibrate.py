@@ -14,7 +14,6 @@ Each layer is loaded once: dense streams pass through it, its modules are pruned
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -165,33 +164,22 @@ def forward(layer: nn.Module, batches: list[torch.Tensor], kwargs: dict) -> list
     return [call_layer(layer, b, kwargs) for b in batches]
 
 
-def new_accumulators(modules: dict[str, nn.Linear], groups: list[list[str]], device) -> list[HessianAccumulator]:
-    return [HessianAccumulator(modules[g[0]].in_features, device=device) for g in groups]
-
-
-@contextmanager
-def collecting(layer: nn.Module, modules: dict[str, nn.Linear], groups: list[list[str]],
-               accs: list[HessianAccumulator], stop: bool, taps: dict | None = None):
-    """While active, each group's first module feeds its input to the group's accumulator.
-
-    With stop=True the layer's forward is cut right after the last group's input is seen (use
-    `run_until_hooks`), so calibrating the first modules of a layer costs almost nothing.
-    """
-    hooks = [input_hook(layer, modules, g[0], acc.add, stop and k == len(groups) - 1, taps)
-             for k, (g, acc) in enumerate(zip(groups, accs))]
-    try:
-        yield accs
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 @torch.no_grad()
-def accumulate_group(layer, modules, names, batches, kwargs, acc=None, taps=None) -> HessianAccumulator:
-    acc = acc or new_accumulators(modules, [names], batches[0].device)[0]
-    with collecting(layer, modules, [names], [acc], stop=True, taps=taps):
+def accumulate_group(layer: nn.Module, modules: dict[str, nn.Linear], names: list[str],
+                     batches: list[torch.Tensor], kwargs: dict, acc: HessianAccumulator | None = None,
+                     taps: dict | None = None) -> HessianAccumulator:
+    """The Hessian of a group of modules sharing one input, over `batches`.
+
+    The layer's forward is cut right after the group's input is seen, so calibrating the first
+    modules of a layer costs almost nothing.
+    """
+    acc = acc or HessianAccumulator(modules[names[0]].in_features, device=batches[0].device)
+    hook = input_hook(layer, modules, names[0], acc.add, stop=True, taps=taps)
+    try:
         for b in batches:
             run_until_hooks(layer, b, kwargs)
+    finally:
+        hook.remove()
     return acc
 
 
@@ -226,8 +214,9 @@ class _Open:
 class SliceRunner:
     """Prunes decoder layers `layer_ids` of `trunk`, in order, over batches pushed into streams.
 
-    hessians_from: "calib" (sequential calibration; later layers and later groups of a layer see
-    pruned inputs) or "calib_dense" (every layer calibrated on dense inputs).
+    hessians_from: "calib" (sequential calibration: every layer sees the outputs of the pruned
+    layers before it) or "calib_dense" (every layer's input is the dense model's activation, so
+    layers are independent). Either way, inside a layer later groups see the pruned earlier ones.
     store: an OutputDir (or None): finished layers are committed there, and layers already
     committed are loaded from it instead of being solved again.
     """
@@ -303,13 +292,12 @@ class SliceRunner:
             src = s[self.hessians_from]
             o = self._open(i, src[0] if (solve and src) else None)
 
-        dense_accs = None
+        hess_src = s["calib"]
         if "calib_dense" in self.active:
-            if self.hessians_from == "calib_dense" and solve:
-                dense_accs = new_accumulators(o.modules, o.groups, s["calib_dense"][0].device)
-            # one pass gives the dense outputs and, in dense mode, every group's Hessian
-            with collecting(o.layer, o.modules, o.groups or [], dense_accs or [], stop=False, taps=o.taps):
-                s["calib_dense"] = forward(o.layer, s["calib_dense"], kw)
+            dense_in = s["calib_dense"]
+            s["calib_dense"] = forward(o.layer, dense_in, kw)  # before any module is pruned
+            if self.hessians_from == "calib_dense":
+                hess_src = dense_in  # the layer's input is dense; its later groups see the pruned earlier ones
         if "eval_dense" in self.active:
             s["eval_dense"] = forward(o.layer, s["eval_dense"], kw)
 
@@ -321,12 +309,10 @@ class SliceRunner:
         else:
             layer, mod_reports = o.layer, {}
             for k, names in enumerate(o.groups):
-                if dense_accs is not None:
-                    acc = dense_accs[k]
-                elif k == 0 and o.early is not None:
+                if k == 0 and o.early is not None:
                     acc = o.early
                 else:
-                    acc = accumulate_group(layer, o.modules, names, s["calib"], kw, taps=o.taps)
+                    acc = accumulate_group(layer, o.modules, names, hess_src, kw, taps=o.taps)
                 mod_reports.update(prune_group(o.modules, names, acc, self.spec, f"layer {i} "))
                 del acc
             report = {"layer": i, "groups": o.groups, "modules": mod_reports,
