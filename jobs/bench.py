@@ -171,17 +171,12 @@ def main(argv=None) -> int:
         if e2e_plot(res, a.out / "perplexity_vs_sparsity.png"):
             md.append("![perplexity vs sparsity](perplexity_vs_sparsity.png)")
     if "pipeline" in a.sections:
-        try:
-            from jobs import bench_pipeline
-        except ImportError:
-            bench_pipeline = None
-        if bench_pipeline is not None:
-            bench_pipeline.main(["--out", str(a.out / "pipeline")] + (["--full"] if a.full else []))
-            pj = a.out / "pipeline" / "results.json"
-            if pj.exists():
-                results["pipeline"] = json.loads(pj.read_text())
-            pm = a.out / "pipeline" / "results.md"
-            md += ["## Pipeline", pm.read_text() if pm.exists() else "(see pipeline/results.json)"]
+        from jobs import bench_pipeline
+        pj = a.out / "pipeline.json"
+        bench_pipeline.main(["--out", str(pj)] + (["--nsamples", "16", "--seqlen", "512", "--eval-windows", "8"]
+                                                    if a.full else []))
+        results["pipeline"] = json.loads(pj.read_text())
+        md += ["## Pipeline", str(results["pipeline"].get("table", "(see pipeline.json)"))]
     if "gpu" in a.sections:
         if torch.cuda.is_available():
             results["gpu"] = gpu()
