@@ -7,7 +7,6 @@ Bad input ends with a one-line error and exit status 2; nothing is written.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 

