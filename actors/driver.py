@@ -342,9 +342,7 @@ class Driver:
             if png is not None:
                 out.write_bytes("timeline.png", png)
                 extra["pipeline"]["timeline"] = "timeline.png"
-            layer_names = {i: skeleton.layer_param_names(i) for i in range(n_layers)}
-            rest = [n for n in p.files.files if not n.startswith(skeleton.layers_path + ".")]
-            return finish(p, out, reports, ppl, wall, layer_names, rest, extra)
+            return finish(p, out, skeleton, reports, ppl, wall, extra)
         finally:
             for a in self.stages:
                 ray.kill(a)

@@ -60,18 +60,9 @@ def unpack(obj: tuple[str, np.ndarray], device) -> torch.Tensor:
     return t.to(device)
 
 
-def to_cpu(obj):
-    """Per-layer keyword arguments (masks, rotary embeddings...) made safe to ship between processes."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu")
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
-
-
 def to_device(obj, device):
+    """Per-layer keyword arguments (masks, rotary embeddings...) moved to `device`, e.g. to "cpu" to
+    ship them between processes."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, dict):
@@ -230,7 +221,7 @@ class Stage:
             for b in ev:
                 self._receive("eval_dense", b)
                 self._receive("eval_pruned", b)
-        return to_cpu(kwargs)
+        return to_device(kwargs, "cpu")
 
     def set_kwargs(self, kwargs: list[dict]) -> None:
         self.kwargs = to_device(kwargs, self.device)

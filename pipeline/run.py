@@ -184,8 +184,8 @@ def peak_memory_mb() -> dict:
     return out
 
 
-def finish(p: Prepared, out: OutputDir, layer_reports: list[dict], ppl: dict | None, seconds: float,
-           layer_names: dict[int, list[str]], rest_names: list[str], extra: dict | None = None) -> dict:
+def finish(p: Prepared, out: OutputDir, trunk: Trunk, layer_reports: list[dict], ppl: dict | None,
+           seconds: float, extra: dict | None = None) -> dict:
     """Write everything outside the decoder layers, and the report; returns the report."""
     layer_reports = sorted(layer_reports, key=lambda r: r["layer"])
     zeros = total = 0
@@ -207,7 +207,8 @@ def finish(p: Prepared, out: OutputDir, layer_reports: list[dict], ppl: dict | N
     }
     if extra:
         report.update(extra)
-    rest = p.files.read(rest_names)
+    layer_names = {i: trunk.layer_param_names(i) for i in range(trunk.n_layers)}
+    rest = p.files.read([n for n in p.files.files if not n.startswith(trunk.layers_path + ".")])
     rest = {k: v.to(p.files.dtypes[k]) for k, v in rest.items()}
     out.finalize(p.files.folder, rest, layer_names, report)
     return report
@@ -279,7 +280,5 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict:
     if p.evalw is not None:
         ppl = {"dense": perplexity(*trunk.nll(runner.streams["eval_dense"], eval_ids)),
                "pruned": perplexity(*trunk.nll(runner.streams["eval_pruned"], eval_ids))}
-    layer_names = {i: trunk.layer_param_names(i) for i in range(trunk.n_layers)}
-    rest = [n for n in p.files.files if not n.startswith(trunk.layers_path + ".")]
-    return finish(p, out, reports, ppl, time.perf_counter() - t0, layer_names, rest,
+    return finish(p, out, trunk, reports, ppl, time.perf_counter() - t0,
                   {"stages": 1, "layers_solved": runner.solved})
