@@ -1,14 +1,18 @@
 """Benchmarks, one command: `python -m jobs.bench [--out DIR] [--sections ...] [--full]`.
 
 Writes results.json, results.md and PNG plots into --out and prints the tables.
-  solvers   layer solvers on real SmolLM2 layers (jobs/bench_solvers.py), relative to SparseGPT
-  e2e       held-out perplexity per method and pattern on SmolLM2 + Austen, dense alongside,
-            wall time per run, share of SparseGPT's perplexity gap to dense that each closes
-  pipeline  Ray modes x stages (jobs/bench_pipeline.py)
-  gpu       7B-class random layers, time per method per layer and projected for a whole 7B
-            model (only where CUDA is available)
+  solvers   layer solvers on real SmolLM2 layers (jobs/bench_solvers.py): error and time relative
+            to SparseGPT, group-size sweep
+  e2e       held-out perplexity per method and pattern on SmolLM2 + Austen, dense alongside, wall
+            time per run (and the median time per layer), the share of SparseGPT's perplexity gap
+            to dense that each method closes; perplexity_vs_sparsity.png. Rows are kept in
+            e2e_rows.jsonl as they finish: rerunning an interrupted grid skips the finished ones.
+  pipeline  Ray modes x stages (jobs/bench_pipeline.py): wall time against the single-process
+            job, busy fraction and peak memory per stage, perplexity; timeline_<mode>.png
+  gpu       7B-class random layers: seconds per layer per method, projected for a whole 7B model,
+            and the whole job on a random 2-layer model of those shapes (only where CUDA is)
 Small by default (minutes on 2 CPU cores); --full uses the issue protocol (16 x 512 calibration,
-8 x 512 evaluation on CPU) and every pattern.
+8 x 512 evaluation on CPU), every pattern and 3 timing repeats.
 """
 from __future__ import annotations
 
@@ -40,51 +44,94 @@ def label(method: str, refit: str | None) -> str:
     return method + (f"+{refit}" if refit else "")
 
 
+def spread(xs: list[float]) -> dict:
+    """Median with its spread: min, quartiles, max over the repeats."""
+    xs = sorted(xs)
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
+    return {"median": statistics.median(xs), "min": xs[0], "q1": q[0], "q3": q[2], "max": xs[-1], "n": len(xs)}
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Per pattern, against SparseGPT's row: the share of its perplexity gap to dense that a method
+    closes (1 = reaches dense, negative = worse than SparseGPT, NaN when SparseGPT has no gap) and
+    the wall-time ratio."""
+    for r in rows:
+        ref = next(x for x in rows if x["pattern"] == r["pattern"] and x["method"] == "sparsegpt")
+        gap = ref["pruned"] - ref["dense"]
+        r["gap_closed_vs_sparsegpt"] = (ref["pruned"] - r["pruned"]) / gap if gap > 0 else float("nan")
+        r["time_vs_sparsegpt"] = r["seconds"] / ref["seconds"]
+
+
 def e2e(out: Path, full: bool, patterns: list[str] | None, nsamples: int | None, seqlen: int | None,
-        eval_windows: int | None, methods: list[str] | None = None) -> dict:
+        eval_windows: int | None, methods: list[str] | None = None, inputs: dict | None = None) -> dict:
+    """One pruning run per (pattern, method). Rows are appended to out/e2e_rows.jsonl as they finish
+    and a rerun with the same protocol skips them: a long --full grid survives being interrupted."""
     from pipeline.run import RunConfig, run
 
     patterns = patterns or (FULL_PATTERNS if full else SMALL_PATTERNS)
-    proto = dict(nsamples=nsamples or (16 if full else 8), seqlen=seqlen or (512 if full else 256),
-                 eval_windows=eval_windows or (8 if full else 4))
+    proto = {"nsamples": nsamples or (16 if full else 8), "seqlen": seqlen or (512 if full else 256),
+             "eval_windows": eval_windows or (8 if full else 4)}
+    inputs = {k: v for k, v in (inputs or {}).items() if v}  # model, calib, eval: None = built-in
+    proto.update({k: str(v) for k, v in inputs.items()})
+    rows_file = out / "e2e_rows.jsonl"
+    done = {}
+    if rows_file.exists():
+        for line in rows_file.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if r.get("protocol") == proto:
+                done[(r["pattern"], r["method"])] = r
     rows = []
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-", dir=out))
     try:
         for pat in patterns:
             nm = tuple(int(x) for x in pat.split(":")) if ":" in pat else None
             for method, refit in E2E_METHODS:
-                if methods and label(method, refit) not in methods and "sparsegpt" != method:
+                name = label(method, refit)
+                if methods and name not in methods and method != "sparsegpt":
+                    continue
+                if (pat, name) in done:
+                    rows.append(done[(pat, name)])
                     continue
                 t0 = time.perf_counter()
                 rep = run(RunConfig(out=str(work / "run"), method=method, refit=refit, nm=nm,
                                     sparsity=None if nm else float(pat), **proto), quiet=True)
                 wall = time.perf_counter() - t0
                 shutil.rmtree(work / "run")  # a float32 SmolLM2 checkpoint is 540 MB
-                rows.append({"pattern": pat, "method": label(method, refit), "dense": rep["perplexity"]["dense"],
-                             "pruned": rep["perplexity"]["pruned"], "seconds": wall})
-                print(f"  e2e {pat:>4} {label(method, refit):<15} ppl {rep['perplexity']['pruned']:9.2f} "
-                      f"(dense {rep['perplexity']['dense']:.2f})  {wall:6.1f}s", file=sys.stderr, flush=True)
+                row = {"pattern": pat, "method": name, "dense": rep["perplexity"]["dense"],
+                       "pruned": rep["perplexity"]["pruned"], "sparsity": rep["sparsity"]["overall"],
+                       "seconds": wall, "layer_seconds": spread([r["seconds"] for r in rep["layers"]]),
+                       "protocol": proto}
+                rows.append(row)
+                with rows_file.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"  e2e {pat:>4} {name:<15} ppl {row['pruned']:9.2f} (dense {row['dense']:.2f})  "
+                      f"{wall:6.1f}s", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for r in rows:  # share of SparseGPT's gap to dense closed (negative: worse than SparseGPT)
-        ref = next(x for x in rows if x["pattern"] == r["pattern"] and x["method"] == "sparsegpt")
-        gap = ref["pruned"] - ref["dense"]
-        r["gap_closed_vs_sparsegpt"] = (ref["pruned"] - r["pruned"]) / gap if gap > 0 else float("nan")
-    return {"protocol": dict(proto, calib="Pride and Prejudice (random windows, seed 0)",
-                             eval="Emma (first non-overlapping windows)", first_token="<|endoftext|>"),
+    add_ratios(rows)
+    return {"protocol": {"calib": "Pride and Prejudice", "eval": "Emma", **proto,
+                         "windows": "calibration: random, seed 0; evaluation: the first non-overlapping ones",
+                         "first_token": "<|endoftext|>"},
             "rows": rows}
 
 
 def e2e_table(res: dict) -> str:
     rows = res["rows"]
-    lines = ["| pattern | method | perplexity | dense | gap closed vs SparseGPT | wall s |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [("| pattern | method | perplexity | dense | gap closed vs SparseGPT | wall s | wall vs SparseGPT "
+              "| s per layer, median [min, max] |"), "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        ls = r.get("layer_seconds")
+        per_layer = f"{ls['median']:.1f} [{ls['min']:.1f}, {ls['max']:.1f}]" if ls else "-"
         lines.append(f"| {r['pattern']} | {r['method']} | {r['pruned']:.2f} | {r['dense']:.2f} | "
-                     f"{100 * r['gap_closed_vs_sparsegpt']:+.1f}% | {r['seconds']:.0f} |")
+                     f"{100 * r['gap_closed_vs_sparsegpt']:+.1f}% | {r['seconds']:.0f} | "
+                     f"{r.get('time_vs_sparsegpt', float('nan')):.2f}x | {per_layer} |")
     p = res["protocol"]
-    lines.append(f"\nProtocol: calibration {p['nsamples']} x {p['seqlen']} tokens of {p['calib']}; "
-                 f"evaluation {p['eval_windows']} x {p['seqlen']} tokens of {p['eval']}; first token {p['first_token']}.")
+    lines.append(f"\nProtocol: {p.get('model', 'SmolLM2-135M')}; calibration {p['nsamples']} x {p['seqlen']} tokens "
+                 f"of {p['calib']}, evaluation {p['eval_windows']} x {p['seqlen']} tokens of {p['eval']} "
+                 f"({p['windows']}); first token {p['first_token']}.")
     return "\n".join(lines)
 
 
@@ -114,48 +161,146 @@ def e2e_plot(res: dict, path: Path) -> Path | None:
     return path
 
 
-def gpu(repeats: int = 3) -> dict:
-    """7B-class layer shapes (Llama-2-7B), random weights and Hessians: timing needs no training."""
+# Llama-2-7B's linear shapes (rows x columns) and how many of each a decoder layer holds.
+SHAPES = {"7b": ({"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}, 4096, 11008, 32),
+          "tiny": ({"q/k/v/o": (64, 64), "gate/up": (128, 64), "down": (64, 128)}, 64, 128, 4)}
+PER_LAYER = {"q/k/v/o": 4, "gate/up": 2, "down": 1}
+LAYERS_7B = 32
+
+
+def random_llama(folder: Path, layers: int, hidden: int, inter: int, heads: int, tokenizer_from: Path,
+                 dtype=torch.float32, tie: bool = True, vocab: int = 49152) -> int:
+    """A Llama with random weights, written straight from the meta device (no default init, no
+    second copy): timing and memory need no trained weights. Returns the parameter bytes."""
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, tie_word_embeddings=tie,
+                         vocab_size=vocab, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
+    model.tie_weights()
+    model.save_pretrained(folder)
+    for f in Path(tokenizer_from).iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, Path(folder) / f.name)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def gpu(device: str = "cuda", scale: str = "7b", repeats: int = 3, patterns=("0.5", "2:4"),
+        pipeline_layers: int = 2, nsamples: int = 128, seqlen: int = 2048, work: Path | None = None) -> dict:
+    """7B-class layer shapes with random weights and Hessians (timing needs no training).
+    Solvers: median seconds [min, max] per linear shape, per decoder layer (4 q/k/v/o, 2 gate/up,
+    1 down) and projected for 32 layers. Pipeline: the single-process job on a random
+    `pipeline_layers`-layer model of the same shapes, with the GPU default calibration (128 x 2048);
+    its median seconds per decoder layer, times 32, plus its fixed cost, projects a whole 7B model.
+    scale="tiny" runs the same code on small shapes (the tests, on CPU)."""
+    from pipeline import assets
+    from pipeline.run import RunConfig, run
     from pipeline.solvers import prune_with_info
 
-    shapes = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}
-    per_layer = {"q/k/v/o": 4, "gate/up": 2, "down": 1}
-    dev = torch.device("cuda")
-    res = {}
-    for method, refit in E2E_METHODS:
-        total = 0.0
-        for kind, (r, c) in shapes.items():
-            g = torch.Generator(device=dev).manual_seed(0)
-            W = torch.randn(r, c, device=dev, generator=g, dtype=torch.float16)
-            X = torch.randn(c, 4 * c, device=dev, generator=g) * torch.rand(c, 1, device=dev, generator=g) * 3
-            H = X @ X.T / X.shape[1]
-            times = []
-            for _ in range(repeats):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                prune_with_info(W, H, method=method, sparsity=0.5, refit=refit)
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            total += statistics.median(times) * per_layer[kind]
-        res[label(method, refit)] = {"seconds_per_layer": total, "projected_7b_seconds": 32 * total}
-    return res
+    shapes, hidden, inter, heads = SHAPES[scale]
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    problems = {}
+    for kind, (r, c) in shapes.items():  # H from 4c random tokens with uneven feature scales
+        g = torch.Generator(device=dev).manual_seed(0)
+        W = torch.randn(r, c, device=dev, generator=g, dtype=torch.float16 if dev.type == "cuda" else torch.float32)
+        X = torch.randn(c, 4 * c, device=dev, generator=g) * torch.rand(c, 1, device=dev, generator=g) * 3
+        problems[kind] = (W, X @ X.T / X.shape[1])
+        del X
+    solvers = {}
+    for pat in patterns:
+        nm = tuple(int(x) for x in pat.split(":")) if ":" in pat else None
+        for method, refit in E2E_METHODS:
+            per_shape, layer_s = {}, 0.0
+            for kind, (W, H) in problems.items():
+                times = []
+                for _ in range(repeats):
+                    sync()
+                    t0 = time.perf_counter()
+                    prune_with_info(W, H, method=method, sparsity=None if nm else float(pat), nm=nm, refit=refit)
+                    sync()
+                    times.append(time.perf_counter() - t0)
+                per_shape[kind] = spread(times)
+                layer_s += per_shape[kind]["median"] * PER_LAYER[kind]
+            solvers.setdefault(pat, {})[label(method, refit)] = {
+                "per_shape": per_shape, "seconds_per_layer": layer_s, "projected_7b_seconds": LAYERS_7B * layer_s}
+            print(f"  gpu solvers {pat:>4} {label(method, refit):<15} {layer_s:7.2f}s per layer", file=sys.stderr, flush=True)
+    del problems
+    pipeline = {}
+    work = Path(tempfile.mkdtemp(prefix="bench-gpu-", dir=work))
+    try:
+        folder = work / "model"
+        random_llama(folder, pipeline_layers, hidden, inter, heads, assets.default_model_dir(), tie=False,
+                     dtype=torch.float16 if dev.type == "cuda" else torch.float32)
+        for method in ("sparsegpt", "multiweight"):
+            t0 = time.perf_counter()
+            rep = run(RunConfig(out=str(work / "run"), model=str(folder), method=method, nsamples=nsamples,
+                                seqlen=seqlen, eval_windows=0, device=dev.type), quiet=True)
+            wall = time.perf_counter() - t0
+            shutil.rmtree(work / "run")
+            ls = spread([r["seconds"] for r in rep["layers"]])
+            fixed = max(wall - sum(r["seconds"] for r in rep["layers"]), 0.0)
+            pipeline[method] = {"wall_s": wall, "layer_seconds": ls, "fixed_s": fixed, "layers": pipeline_layers,
+                                "nsamples": nsamples, "seqlen": seqlen, "peak_memory": rep["peak_memory"],
+                                "projected_7b_seconds": fixed + LAYERS_7B * ls["median"]}
+            print(f"  gpu pipeline {method:<12} {ls['median']:7.2f}s per layer, {wall:.1f}s wall", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "scale": scale,
+            "repeats": repeats, "solvers": solvers, "pipeline": pipeline}
+
+
+def gpu_table(res: dict) -> str:
+    pats = list(res["solvers"])
+    lines = ["| method | " + " | ".join(f"{p} s per layer | {p} projected 7B min" for p in pats) + " |",
+             "| --- |" + " --- | --- |" * len(pats)]
+    for m in res["solvers"][pats[0]]:
+        cells = []
+        for p in pats:
+            v = res["solvers"][p][m]
+            cells.append(f"{v['seconds_per_layer']:.2f} | {v['projected_7b_seconds'] / 60:.1f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if res["pipeline"]:
+        lines += ["", "| whole job, 50% | s per layer, median [min, max] | fixed s | projected 7B min | peak memory |",
+                  "| --- | --- | --- | --- | --- |"]
+        for m, v in res["pipeline"].items():
+            ls = v["layer_seconds"]
+            mem = ", ".join(f"{k} {x:.0f}" for k, x in v["peak_memory"].items())
+            lines.append(f"| {m} | {ls['median']:.2f} [{ls['min']:.2f}, {ls['max']:.2f}] | {v['fixed_s']:.1f} | "
+                         f"{v['projected_7b_seconds'] / 60:.1f} | {mem} |")
+    lines.append(f"\nSolvers: {res['repeats']} repeats per shape, random fp16 weights and Hessians of 7B-class "
+                 "shapes (4 q/k/v/o 4096x4096, 2 gate/up 11008x4096, 1 down 4096x11008 per layer, 32 layers). "
+                 "Whole job: the single-process job on a random model with those shapes, 128 x 2048 calibration.")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     ap.add_argument("--sections", nargs="+", default=["solvers", "e2e", "pipeline", "gpu"],
                     choices=["solvers", "e2e", "pipeline", "gpu"])
-    ap.add_argument("--full", action="store_true", help="the issue protocol and every pattern (an hour or more on CPU)")
+    ap.add_argument("--full", action="store_true", help="the issue protocol and every pattern (hours on a 2-core CPU)")
     ap.add_argument("--patterns", nargs="+", default=None, help="e2e patterns, e.g. 0.5 2:4")
     ap.add_argument("--methods", nargs="+", default=None,
                     help="e2e methods to run (sparsegpt always runs: it is the reference), e.g. multiweight multiweight+cg")
+    ap.add_argument("--model", default=None, help="e2e model (default: built-in SmolLM2-135M)")
+    ap.add_argument("--calib", default=None, help="e2e calibration text (default: Pride and Prejudice)")
+    ap.add_argument("--eval", default=None, help="e2e evaluation text (default: Emma)")
     ap.add_argument("--nsamples", type=int, default=None)
     ap.add_argument("--seqlen", type=int, default=None)
     ap.add_argument("--eval-windows", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None, help="pipeline and GPU timing repeats (default 1, --full 3)")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
-    results = {"machine": machine(), "command": "python -m jobs.bench " + " ".join(argv or sys.argv[1:])}
+    repeats = a.repeats or (3 if a.full else 1)
+    results = {"machine": machine(), "command": "python -m jobs.bench " + " ".join(map(str, argv or sys.argv[1:]))}
     md = [f"Machine: {results['machine']}  \nCommand: `{results['command']}`\n"]
     if "solvers" in a.sections:
         from jobs import bench_solvers
@@ -165,7 +310,8 @@ def main(argv=None) -> int:
         md_file = a.out / "solvers" / "results.md"
         md += ["## Layer solvers", md_file.read_text() if md_file.exists() else "(see solvers/results.json)"]
     if "e2e" in a.sections:
-        res = e2e(a.out, a.full, a.patterns, a.nsamples, a.seqlen, a.eval_windows, a.methods)
+        res = e2e(a.out, a.full, a.patterns, a.nsamples, a.seqlen, a.eval_windows, a.methods,
+                  {"model": a.model, "calib": a.calib, "eval": a.eval})
         results["e2e"] = res
         md += ["## End to end", e2e_table(res)]
         if e2e_plot(res, a.out / "perplexity_vs_sparsity.png"):
@@ -173,23 +319,22 @@ def main(argv=None) -> int:
     if "pipeline" in a.sections:
         from jobs import bench_pipeline
         pj = a.out / "pipeline.json"
-        bench_pipeline.main(["--out", str(pj)] + (["--nsamples", "16", "--seqlen", "512", "--eval-windows", "8"]
-                                                    if a.full else []))
+        bench_pipeline.main(["--out", str(pj), "--repeats", str(repeats)]
+                            + (["--nsamples", "16", "--seqlen", "512", "--eval-windows", "8"] if a.full else []))
         results["pipeline"] = json.loads(pj.read_text())
         md += ["## Pipeline", str(results["pipeline"].get("table", "(see pipeline.json)"))]
+        md += [f"![{r['mode']} timeline]({r['timeline']})" for r in results["pipeline"]["rows"] if r.get("timeline")]
     if "gpu" in a.sections:
         if torch.cuda.is_available():
-            results["gpu"] = gpu()
-            md += ["## GPU (7B-class random layers, 50%)", "| method | s per layer | projected 7B (32 layers) s |",
-                   "| --- | --- | --- |"] + [f"| {m} | {v['seconds_per_layer']:.2f} | {v['projected_7b_seconds']:.0f} |"
-                                             for m, v in results["gpu"].items()]
+            results["gpu"] = gpu(repeats=repeats, work=a.out)
+            md += [f"## GPU ({results['gpu']['device']}, 7B-class random layers)", gpu_table(results["gpu"])]
         else:
             md += ["## GPU", "skipped: torch sees no CUDA device on this machine"]
     text = "\n\n".join(md) + "\n"
-    tmp = a.out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=str))
-    os.replace(tmp, a.out / "results.json")
-    (a.out / "results.md").write_text(text)
+    for name, data in (("results.json", json.dumps(results, indent=1, default=str)), ("results.md", text)):
+        tmp = a.out / (name + ".tmp")
+        tmp.write_text(data)
+        os.replace(tmp, a.out / name)
     print(text)
     return 0
 

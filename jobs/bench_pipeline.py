@@ -10,8 +10,10 @@ the single-process job run here with one thread too. Targets:
     dense
 
 It also reports the pipeline time (first embedding to last perplexity, without actor start-up),
-how busy the stages were, and the held-out perplexity of each mode. A markdown table goes to
-stdout, everything to the JSON file --out.
+the busy fraction of each stage over the pipeline time, each stage's peak resident memory, and the
+held-out perplexity of each mode. Wall times are medians over --repeats runs with min and max. A
+markdown table goes to stdout, everything to the JSON file --out, and the stage timeline of the
+largest K of each mode to timeline_<mode>.png next to it.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -38,6 +41,7 @@ def parse(argv=None):
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--eval-windows", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=1, help="runs per configuration; wall time is their median")
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs Ray may use (default: all)")
     p.add_argument("--work", default=None, help="folder for the runs' outputs (default: a temporary one, removed)")
     p.add_argument("--out", default="bench-out/pipeline.json", help="JSON results")
@@ -56,15 +60,44 @@ def stage_summary(report: dict) -> dict:
     end = max(e[2] for f in facts for e in f["events"])
     busy = [f["busy_s"] for f in facts]
     return {"pipeline_s": end - start, "busy_s": busy, "idle_s": [f["idle_s"] for f in facts],
+            "busy_fraction": [round(working(f["events"], start, end) / (end - start), 3) for f in facts],
             "peak_rss_mb": [round(f["peak_rss_mb"]) for f in facts]}
+
+
+def working(events: list, start: float, end: float) -> float:
+    """Seconds inside [start, end] that a stage spent in calls, start-up (init, warm) excluded;
+    overlapping calls count once."""
+    spans = sorted((max(a, start), min(b, end)) for n, a, b in events if n not in ("init", "warm", "setup"))
+    total, reach = 0.0, start
+    for a, b in spans:
+        if b > reach:
+            total += b - max(a, reach)
+            reach = b
+    return total
+
+
+def timed(repeats: int, once, *args) -> tuple[dict, list[float]]:
+    """Run `once(*args) -> report` `repeats` times; returns the last report and the wall times."""
+    walls = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        rep = once(*args)
+        walls.append(time.perf_counter() - t0)
+    return rep, walls
+
+
+def spread(walls: list[float]) -> str:
+    w = sorted(walls)
+    return f"{statistics.median(w):.1f}" + (f" [{w[0]:.1f}, {w[-1]:.1f}]" if len(w) > 1 else "")
 
 
 def score(rows: list[dict], cores: int) -> str:
     """Ratios and targets into the rows; returns the markdown table."""
     single = next(r["wall_s"] for r in rows if r["mode"] == "single-process")
     base = {r["mode"]: r["wall_s"] for r in rows if r["stages"] == 1 and r["mode"] != "single-process"}
-    lines = ["| mode | K | wall s | pipeline s | wall / single | speed-up vs single | speed-up vs K=1 | target | met "
-             "| ppl pruned |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| mode | K | wall s, median [min, max] | pipeline s | wall / single | speed-up vs single "
+              "| speed-up vs K=1 | busy % per stage | peak RSS MB per process | target | met | ppl pruned |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         r["ratio_to_single"] = r["wall_s"] / single
         r["speedup_vs_single"] = single / r["wall_s"]
@@ -81,9 +114,11 @@ def score(rows: list[dict], cores: int) -> str:
         ppl = (r["perplexity"] or {}).get("pruned")
         pipe = f"{r['pipeline_s']:.1f}" if "pipeline_s" in r else "-"
         met = "" if r["met"] is None else ("yes" if r["met"] else "no")
-        lines.append(f"| {r['mode']} | {r['stages']} | {r['wall_s']:.1f} | {pipe} | {r['ratio_to_single']:.2f}x | "
-                     f"{r['speedup_vs_single']:.2f}x | {r['speedup_vs_k1']:.2f}x | {r['target']} | {met} | "
-                     f"{'-' if ppl is None else f'{ppl:.2f}'} |")
+        busy = " / ".join(f"{100 * b:.0f}" for b in r.get("busy_fraction", [])) or "-"
+        rss = " / ".join(str(m) for m in r.get("peak_rss_mb", [])) or "-"
+        lines.append(f"| {r['mode']} | {r['stages']} | {spread(r['walls'])} | {pipe} | {r['ratio_to_single']:.2f}x | "
+                     f"{r['speedup_vs_single']:.2f}x | {r['speedup_vs_k1']:.2f}x | {busy} | {rss} | {r['target']} | "
+                     f"{met} | {'-' if ppl is None else f'{ppl:.2f}'} |")
     return "\n".join(lines)
 
 
@@ -108,23 +143,29 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()
     try:
         torch.set_num_threads(1)  # as each stage: one thread (stages on logical GPUs get OMP_NUM_THREADS=1)
-        out = work / "single"
-        shutil.rmtree(out, ignore_errors=True)
-        t0 = time.perf_counter()
-        rep = run(config(a, out, "sequential", None), quiet=True)
-        single = time.perf_counter() - t0
-        rows.append({"mode": "single-process", "stages": 1, "wall_s": single, "perplexity": rep["perplexity"]})
-        print(f"single-process: {single:.1f}s", file=sys.stderr, flush=True)
+        def fresh(job, out: Path, mode: str, stages: int | None):
+            shutil.rmtree(out, ignore_errors=True)
+            return job(config(a, out, mode, stages), quiet=True)
+
+        rep, walls = timed(a.repeats, fresh, run, work / "single", "sequential", None)
+        # the single-process job runs first, so this process's peak RSS is its own
+        rows.append({"mode": "single-process", "stages": 1, "wall_s": statistics.median(walls), "walls": walls,
+                     "perplexity": rep["perplexity"], "peak_rss_mb": [round(rep["peak_memory"]["host_rss_mb"])]})
+        print(f"single-process: {spread(walls)}s", file=sys.stderr, flush=True)
         for mode in modes:
             for k in ks:
                 out = work / f"{mode}-{k}"
-                shutil.rmtree(out, ignore_errors=True)
-                t0 = time.perf_counter()
-                rep = run_distributed(config(a, out, mode, k), quiet=True)
-                wall = time.perf_counter() - t0
-                rows.append({"mode": mode, "stages": k, "wall_s": wall, "perplexity": rep["perplexity"],
-                             **stage_summary(rep)})
-                print(f"{mode} K={k}: {wall:.1f}s", file=sys.stderr, flush=True)
+                rep, walls = timed(a.repeats, fresh, run_distributed, out, mode, k)
+                rows.append({"mode": mode, "stages": k, "wall_s": statistics.median(walls), "walls": walls,
+                             "perplexity": rep["perplexity"], **stage_summary(rep)})
+                if k == max(ks) and (out / "timeline.png").exists():
+                    png = Path(a.out).parent / f"timeline_{mode}.png"
+                    png.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(out / "timeline.png", png)
+                    rows[-1]["timeline"] = png.name
+                if not a.work:
+                    shutil.rmtree(out, ignore_errors=True)  # a float32 SmolLM2 checkpoint is 540 MB
+                print(f"{mode} K={k}: {spread(walls)}s", file=sys.stderr, flush=True)
     finally:
         ray.shutdown()
         if not a.work:
@@ -134,13 +175,15 @@ def main(argv=None) -> int:
     table = score(rows, cores)
     setup = {"model": a.model or "SmolLM2-135M (built-in)", "method": a.method, "nsamples": a.nsamples,
              "seqlen": a.seqlen, "eval_windows": a.eval_windows, "batch_size": a.batch_size, "cpus": a.cpus,
-             "cores": cores, "threads_per_stage": 1, "single_process_threads": 1,
+             "cores": cores, "repeats": a.repeats, "threads_per_stage": 1, "single_process_threads": 1,
              "load_average_at_start": load_start, "load_average_at_end": os.getloadavg()}
     print(f"{a.method}, {a.nsamples} x {a.seqlen} calibration, {a.eval_windows} eval windows, {cores} cores, "
           f"one thread per stage and for the single-process job\n")
     print(table)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"setup": setup, "rows": rows, "table": table}, indent=1))
+    tmp = Path(a.out).with_suffix(".tmp")
+    tmp.write_text(json.dumps({"setup": setup, "rows": rows, "table": table}, indent=1))
+    os.replace(tmp, a.out)
     print(f"\nwrote {a.out}")
     return 0
 

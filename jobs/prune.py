@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - every failure is one line unless --debug
+    except Exception as e:  # every failure is one line unless --debug
         if a.debug:
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

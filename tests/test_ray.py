@@ -290,28 +290,6 @@ def test_stages_resume_from_committed_layers(ray_local, tmp_path, tiny_runs, tin
 
 
 # -- memory ----------------------------------------------------------------------------------------
-def _random_llama(folder: Path, layers: int, real_model_dir: Path) -> int:
-    """A random llama written straight from the meta device (no default init): returns its bytes."""
-    import shutil
-    import transformers as tf
-
-    cfg = tf.LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=layers, num_attention_heads=8,
-                         num_key_value_heads=8, tie_word_embeddings=True, vocab_size=49152, max_position_embeddings=256)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
-    model.tie_weights()
-    model.save_pretrained(folder)
-    for f in real_model_dir.iterdir():
-        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
-            shutil.copy(f, folder / f.name)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def test_no_stage_holds_more_than_its_slice(ray_local, tmp_path, real_model_dir, short_texts):
     """48 layers of 10.5 MB plus a 100 MB (tied) embedding, 3 stages of 16 layers. Each stage's peak
     resident memory above what it had before its first weight (torch, transformers, the meta skeleton)
@@ -321,7 +299,8 @@ def test_no_stage_holds_more_than_its_slice(ray_local, tmp_path, real_model_dir,
     embedding: one layer at a time, its Hessians and solver workspace, a serialized copy for the
     commit, and allocator slack.)"""
     folder = tmp_path / "model"
-    model_bytes = _random_llama(folder, 48, real_model_dir)
+    from jobs.bench import random_llama
+    model_bytes = random_llama(folder, 48, 512, 1024, 8, real_model_dir)
     mb = 2**20
     layer_bytes = 4 * 512 * 512 * 4 + 3 * 512 * 1024 * 4 + 2 * 512 * 4
     embed_bytes = 49152 * 512 * 4
