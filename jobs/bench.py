@@ -11,7 +11,7 @@ Writes results.json, results.md and PNG plots into --out and prints the tables.
             job, busy fraction and peak memory per stage, perplexity; timeline_<mode>.png
   gpu       7B-class random layers: seconds per layer per method, projected for a whole 7B model,
             and the whole job on a random 2-layer model of those shapes (only where CUDA is)
-Small by default (minutes on 2 CPU cores); --full uses the issue protocol (16 x 512 calibration,
+Small by default (27 minutes on 2 CPU cores); --full uses the issue protocol (16 x 512 calibration,
 8 x 512 evaluation on CPU), every pattern and 3 timing repeats.
 """
 from __future__ import annotations
@@ -103,7 +103,7 @@ def e2e(out: Path, full: bool, patterns: list[str] | None, nsamples: int | None,
                 row = {"pattern": pat, "method": name, "dense": rep["perplexity"]["dense"],
                        "pruned": rep["perplexity"]["pruned"], "sparsity": rep["sparsity"]["overall"],
                        "seconds": wall, "layer_seconds": spread([r["seconds"] for r in rep["layers"]]),
-                       "protocol": proto}
+                       "first_token": rep["evaluation"]["first_token"], "protocol": proto}
                 rows.append(row)
                 with rows_file.open("a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -114,7 +114,7 @@ def e2e(out: Path, full: bool, patterns: list[str] | None, nsamples: int | None,
     add_ratios(rows)
     return {"protocol": {"calib": "Pride and Prejudice", "eval": "Emma", **proto,
                          "windows": "calibration: random, seed 0; evaluation: the first non-overlapping ones",
-                         "first_token": "<|endoftext|>"},
+                         "first_token": rows[0].get("first_token", "?") if rows else "?"},
             "rows": rows}
 
 
