@@ -86,7 +86,7 @@ def timed(repeats: int, once, *args) -> tuple[dict, list[float]]:
     return rep, walls
 
 
-def spread(walls: list[float]) -> str:
+def median_text(walls: list[float]) -> str:
     w = sorted(walls)
     return f"{statistics.median(w):.1f}" + (f" [{w[0]:.1f}, {w[-1]:.1f}]" if len(w) > 1 else "")
 
@@ -116,7 +116,7 @@ def score(rows: list[dict], cores: int) -> str:
         met = "" if r["met"] is None else ("yes" if r["met"] else "no")
         busy = " / ".join(f"{100 * b:.0f}" for b in r.get("busy_fraction", [])) or "-"
         rss = " / ".join(str(m) for m in r.get("peak_rss_mb", [])) or "-"
-        lines.append(f"| {r['mode']} | {r['stages']} | {spread(r['walls'])} | {pipe} | {r['ratio_to_single']:.2f}x | "
+        lines.append(f"| {r['mode']} | {r['stages']} | {median_text(r['walls'])} | {pipe} | {r['ratio_to_single']:.2f}x | "
                      f"{r['speedup_vs_single']:.2f}x | {r['speedup_vs_k1']:.2f}x | {busy} | {rss} | {r['target']} | "
                      f"{met} | {'-' if ppl is None else f'{ppl:.2f}'} |")
     return "\n".join(lines)
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         # the single-process job runs first, so this process's peak RSS is its own
         rows.append({"mode": "single-process", "stages": 1, "wall_s": statistics.median(walls), "walls": walls,
                      "perplexity": rep["perplexity"], "peak_rss_mb": [round(rep["peak_memory"]["host_rss_mb"])]})
-        print(f"single-process: {spread(walls)}s", file=sys.stderr, flush=True)
+        print(f"single-process: {median_text(walls)}s", file=sys.stderr, flush=True)
         for mode in modes:
             for k in ks:
                 out = work / f"{mode}-{k}"
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
                     rows[-1]["timeline"] = png.name
                 if not a.work:
                     shutil.rmtree(out, ignore_errors=True)  # a float32 SmolLM2 checkpoint is 540 MB
-                print(f"{mode} K={k}: {spread(walls)}s", file=sys.stderr, flush=True)
+                print(f"{mode} K={k}: {median_text(walls)}s", file=sys.stderr, flush=True)
     finally:
         ray.shutdown()
         if not a.work:
