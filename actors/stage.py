@@ -148,7 +148,7 @@ class Stage:
             self.trunk = Trunk(self.files, self.device, getattr(torch, dtype))
             self.store = OutputDir(out)
             self.hf = "calib_dense" if mode == "dense" else "calib"
-            self.kwargs: list[dict] | None = None
+            self.kwargs: dict | None = None  # per batch shape, each layer's (args, kwargs)
             self.main: SliceRunner | None = None
             self.post: SliceRunner | None = None
             self.inbox: dict[str, list[torch.Tensor]] = {s: [] for s in STREAMS}
@@ -211,19 +211,22 @@ class Stage:
         return self._timed("embed", self._embed, calib_ids, eval_ids, batch_size)
 
     def _embed(self, calib_ids, eval_ids, batch_size):
-        hidden, kwargs = self.trunk.embed(data.batches(torch.from_numpy(np.array(calib_ids)), batch_size))
-        self.kwargs = kwargs
+        hidden, calls = self.trunk.embed(data.batches(torch.from_numpy(np.array(calib_ids)), batch_size))
+        ev = []
+        if eval_ids is not None:
+            ev, ev_calls = self.trunk.embed(data.batches(torch.from_numpy(np.array(eval_ids)), batch_size))
+            for key, c in ev_calls.items():  # another batch shape: its own call arguments
+                calls.setdefault(key, c)
+        self.kwargs = calls
         self.main = self._runner()
         for b in hidden:
             self._receive("calib", b)
-        if eval_ids is not None:
-            ev, _ = self.trunk.embed(data.batches(torch.from_numpy(np.array(eval_ids)), batch_size))
-            for b in ev:
-                self._receive("eval_dense", b)
-                self._receive("eval_pruned", b)
-        return to_device(kwargs, "cpu")
+        for b in ev:
+            self._receive("eval_dense", b)
+            self._receive("eval_pruned", b)
+        return to_device(calls, "cpu")
 
-    def set_kwargs(self, kwargs: list[dict]) -> None:
+    def set_kwargs(self, kwargs: dict) -> None:
         self.kwargs = to_device(kwargs, self.device)
         self.main = self._runner()
 

@@ -13,6 +13,7 @@ Each layer is loaded once: dense streams pass through it, its modules are pruned
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from . import loading
-from .models.generic import call_layer, input_hook, run_until_hooks, trace_groups
+from .models.generic import Plan, UnsupportedModel, WeightUses, _StopForward, call_layer, plan_layer, run_until_stop
 from .solvers import HessianAccumulator, prune_with_info
 
 STREAMS = ("calib", "calib_dense", "eval_dense", "eval_pruned")
@@ -46,11 +47,64 @@ class _Stop(Exception):
     pass
 
 
+@contextlib.contextmanager
+def _fake(module: nn.Module, device):
+    """Run `module` shape-only: its meta parameters become fake tensors on `device` (no memory),
+    inside a FakeTensorMode. transformers skips its data-dependent checks on fake tensors, so the
+    model's own code runs unchanged without a single weight loaded."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    swapped = []
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for owner in module.modules():
+            for store in (owner._parameters, owner._buffers):
+                for k, t in list(store.items()):
+                    if t is not None and t.device.type == "meta":
+                        swapped.append((store, k, t))
+                        fake = torch.empty(t.shape, dtype=t.dtype, device=device)
+                        store[k] = nn.Parameter(fake, requires_grad=False) if isinstance(t, nn.Parameter) else fake
+        try:
+            yield
+        finally:
+            for store, k, t in swapped:
+                store[k] = t
+
+
+class _StandIn(nn.Module):
+    """Takes a decoder layer's place in the model's own forward; `fn(i, h, args, kwargs)` returns
+    the hidden state the layer hands on, wrapped in the layer's own return structure (a tensor, or a
+    tuple whose first element is the hidden state), learned once per layer class by running the real
+    layer shape-only (`_fake`)."""
+
+    def __init__(self, i, layer, fn, shapes: dict):
+        super().__init__()
+        self.i, self.fn, self.shapes = i, fn, shapes
+        self._layer = [layer]  # not a submodule: the stand-in owns no parameters
+
+    def forward(self, h, *args, **kwargs):
+        out = self.fn(self.i, h, args, kwargs)
+        layer = self._layer[0]
+        key = type(layer)
+        if key not in self.shapes:
+            self.shapes[key] = None  # a layer that cannot run shape-only: assume a plain tensor
+            try:
+                with torch.no_grad(), _fake(layer, h.device):
+                    ref = layer(h, *args, **kwargs)
+                if isinstance(ref, (tuple, list)):
+                    self.shapes[key] = tuple(None if isinstance(v, torch.Tensor) else v for v in ref[1:])
+            except Exception:  # noqa: BLE001
+                pass
+        rest = self.shapes[key]
+        return out if rest is None else (out, *rest)
+
+
 class Trunk:
     """A model skeleton on the meta device plus the code to run parts of it.
 
-    Only what a caller loads is in memory: decoder layers one at a time, the modules before the
-    layers (embeddings) for `embed`, the modules after them (final norm, head) for `nll`.
+    Only what a caller loads is in memory: decoder layers one at a time, the modules that run before
+    the layers (embeddings) for `embed`, the ones after them (final norm, head) for `nll`. Both run
+    the model's own forward with the layers replaced by stand-ins, so nothing of a family's calling
+    convention, embedding scale or logit post-processing (softcapping, scaling) is re-implemented.
     """
 
     def __init__(self, files: loading.ModelFiles, device="cpu", dtype=torch.float32):
@@ -58,7 +112,8 @@ class Trunk:
         self.model, self.adapter = loading.build_skeleton(files, dtype)
         self.layers = self.adapter.layer_list(self.model)
         self.layers_path = self.adapter.layers_path(self.model)
-        self.before, self.after = loading.non_layer_prefixes(self.model, self.adapter)
+        self._shapes: dict = {}
+        self.before, self.after = self._split()
         self._loaded: set[str] = set()
 
     @property
@@ -68,16 +123,24 @@ class Trunk:
     def layer_prefix(self, i: int) -> str:
         return f"{self.layers_path}.{i}"
 
-    def layer_param_names(self, i: int) -> list[str]:
-        return [f"{self.layer_prefix(i)}.{n}" for n, _ in self.layers[i].named_parameters()]
+    def layer_keys(self, i: int) -> list[str]:
+        """Checkpoint tensor names of layer i (what its shard holds)."""
+        return self.model._mwprune_conversion.keys_for(self.layer_prefix(i))
+
+    def rest_keys(self) -> list[str]:
+        """Checkpoint tensor names outside the decoder layers (embeddings, final norm, head...)."""
+        inside = {k for i in range(self.n_layers) for k in self.layer_keys(i)}
+        return [k for k in self.model._mwprune_conversion.sources if k not in inside]
 
     def layer_numel(self, i: int) -> int:
         return sum(p.numel() for p in self.layers[i].parameters())
 
     def load_layer(self, i: int, tensors: dict[str, torch.Tensor] | None = None) -> nn.Module:
-        prefix = self.layer_prefix(i)
-        rel = None if tensors is None else {k[len(prefix) + 1:]: v for k, v in tensors.items()}
-        return loading.load_module(self.model, self.files, prefix, self.device, self.dtype, rel)
+        return loading.load_module(self.model, self.files, self.layer_prefix(i), self.device, self.dtype, tensors)
+
+    def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer i's tensors under the checkpoint's names and layout (per-expert, as on the hub)."""
+        return loading.module_tensors(self.model, self.layer_prefix(i))
 
     def unload_layer(self, i: int) -> None:
         loading.unload_module(self.model, self.layer_prefix(i))
@@ -88,68 +151,120 @@ class Trunk:
                 loading.load_module(self.model, self.files, p, self.device, self.dtype)
                 self._loaded.add(p)
 
-    @torch.no_grad()
-    def embed(self, input_ids: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict]]:
-        """Hidden states entering layer 0, and the keyword arguments each layer is called with.
+    def _with_stand_ins(self, fn):
+        saved = list(self.layers)
+        for i in range(self.n_layers):
+            self.layers[i] = _StandIn(i, saved[i], fn, self._shapes)
+        return saved
 
-        The arguments (masks, rotary embeddings, per-layer sliding windows...) are captured from a
-        real forward of the model with every layer replaced by a recorder, so no family's calling
-        convention is guessed. They are captured for batch size 1 and broadcast over any batch.
+    def _restore(self, saved) -> None:
+        for i, layer in enumerate(saved):
+            self.layers[i] = layer
+
+    def _split(self) -> tuple[list[str], list[str]]:
+        """Modules with weights that run before the layers, and after them, seen in a meta forward."""
+        owners = [n for n, m in self.model.named_modules()
+                  if n and not (n == self.layers_path or n.startswith(self.layers_path + "."))
+                  and any(True for _ in m.parameters(recurse=False))]
+        order: list[str] = []
+        mark = {"layers": None}
+        hooks = [self.model.get_submodule(n).register_forward_pre_hook(
+            lambda mod, args, n=n: order.append(n)) for n in owners]
+
+        def through(i, h, args, kwargs):
+            if mark["layers"] is None:
+                mark["layers"] = len(order)
+            return h
+        saved = self._with_stand_ins(through)
+        try:
+            with torch.no_grad(), _fake(self.model, self.device):
+                self.model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=self.device), use_cache=False)
+        except Exception as e:  # noqa: BLE001
+            raise loading.ModelFilesError(f"the model's forward cannot be traced ({type(e).__name__}: "
+                                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        finally:
+            self._restore(saved)
+            for h in hooks:
+                h.remove()
+        cut = mark["layers"] if mark["layers"] is not None else len(order)
+        before = list(dict.fromkeys(order[:cut]))
+        after = list(dict.fromkeys(n for n in order[cut:] if n not in before))
+        return before, after
+
+    @torch.no_grad()
+    def embed(self, input_ids: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
+        """Hidden states entering layer 0, and each layer's call arguments.
+
+        The arguments (masks, rotary embeddings, ALiBi, per-layer sliding windows, positional ones)
+        are captured from the model's own forward with every layer replaced by a stand-in, once per
+        batch shape, so arguments that depend on the batch size are right for every batch.
+        `calls[(batch, seqlen)][i]` is layer i's `(args, kwargs)`.
         """
         self._ensure(self.before)
         n = self.n_layers
-        kwargs: list[dict] = [None] * n  # type: ignore[list-item]
+        calls: dict = {}
         hidden: list[torch.Tensor] = []
-        state = {"first": True}
+        state: dict = {}
 
-        class Recorder(nn.Module):
-            def __init__(self, i):
-                super().__init__()
-                self.i = i
-
-            def forward(self, h, *args, **kw):
-                if state["first"]:
-                    kwargs[self.i] = kw
-                    if self.i == n - 1:
-                        raise _Stop
-                    return h
+        def record(i, h, args, kwargs):
+            if i == 0:
                 hidden.append(h)
+                state["h0"] = h
+            h0 = state["h0"]
+            if any(isinstance(a, torch.Tensor) and a.shape == h0.shape and torch.equal(a, h0)
+                   for a in (*args, *kwargs.values())):
+                # Zamba2 hands every layer the embeddings themselves: arguments that change with each
+                # batch's content, which the per-shape capture cannot reproduce.
+                raise UnsupportedModel(f"unsupported architecture {self.files.config.model_type!r}: its layers "
+                                       f"take the model's input embeddings as an argument")
+            if state["key"] in calls:
+                raise _Stop  # arguments for this shape are known: layer 0's input is all we need
+            state["calls"][i] = (args, kwargs)
+            if i == n - 1:
+                calls[state["key"]] = state["calls"]
                 raise _Stop
-
-        saved = list(self.layers)
-        for i in range(n):
-            self.layers[i] = Recorder(i)
+            return h
+        saved = self._with_stand_ins(record)
         try:
-            try:
-                self.model(input_ids=input_ids[0][:1].to(self.device), use_cache=False)
-            except _Stop:
-                pass
-            state["first"] = False
             for ids in input_ids:
+                state.update(key=tuple(ids.shape[:2]), calls=[None] * n)
                 try:
                     self.model(input_ids=ids.to(self.device), use_cache=False)
                 except _Stop:
                     pass
         finally:
-            for i, layer in enumerate(saved):
-                self.layers[i] = layer
-        return hidden, kwargs
+            self._restore(saved)
+        return hidden, calls
 
     @torch.no_grad()
     def nll(self, hidden: list[torch.Tensor], input_ids: list[torch.Tensor]) -> tuple[float, int]:
         """Summed next-token negative log-likelihood (float64) and token count; the window's first
-        token is never scored (it is the fixed start token)."""
-        self._ensure(self.after)
+        token is never scored (it is the fixed start token). Logits come from the model's own forward
+        after the last layer (final norm, head, softcapping, scaling): its layers are stand-ins that
+        hand on `hidden`, and what runs before them runs on meta, unloaded."""
+        emb = self.model.get_input_embeddings()
+        emb_name = next((n for n, m in self.model.named_modules() if m is emb), None)
+        # Whatever runs before the layers must run, though its result is replaced by `hidden`; the
+        # embedding table itself is skipped by passing zero embeddings.
+        self._ensure(self.after + [n for n in self.before if n != emb_name])
+        width = emb.embedding_dim if hasattr(emb, "embedding_dim") else emb.weight.shape[1]
+        cur: dict = {}
+
+        def inject(i, h, args, kwargs):
+            return cur["h"] if i == 0 else h
         total, count = 0.0, 0
-        for h, ids in zip(hidden, input_ids):
-            for j in range(h.shape[0]):  # one window at a time: logits are seqlen x vocab
-                x = h[j:j + 1]
-                for p in self.adapter.tail_paths(self.model):
-                    x = self.model.get_submodule(p)(x)
-                logits = self.model.get_submodule(self.adapter.head)(x)[0, :-1].float()
-                target = ids[j, 1:].to(logits.device)
-                total += torch.nn.functional.cross_entropy(logits, target, reduction="sum").double().item()
-                count += target.numel()
+        saved = self._with_stand_ins(inject)
+        try:
+            for h, ids in zip(hidden, input_ids):
+                for j in range(h.shape[0]):  # one window at a time: logits are seqlen x vocab
+                    cur["h"] = h[j:j + 1]
+                    dummy = torch.zeros(1, h.shape[1], width, device=self.device, dtype=self.dtype)
+                    logits = self.model(inputs_embeds=dummy, use_cache=False).logits[0, :-1].float()
+                    target = ids[j, 1:].to(logits.device)
+                    total += torch.nn.functional.cross_entropy(logits, target, reduction="sum").double().item()
+                    count += target.numel()
+        finally:
+            self._restore(saved)
         return total, count
 
 
@@ -160,44 +275,76 @@ def _check_finite(batches: list[torch.Tensor], where: str) -> None:
 
 
 @torch.no_grad()
-def forward(layer: nn.Module, batches: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
-    return [call_layer(layer, b, kwargs) for b in batches]
+def forward(layer: nn.Module, batches: list[torch.Tensor], calls: dict, i: int) -> list[torch.Tensor]:
+    return [call_layer(layer, b, calls[tuple(b.shape[:2])][i]) for b in batches]
+
+
+# Experts that the router sends fewer calibration tokens than this are solved with the Hessian
+# pooled over every expert of the same parameter in the layer (see README: MoE models).
+MIN_EXPERT_TOKENS = 16
 
 
 @torch.no_grad()
-def accumulate_group(layer: nn.Module, modules: dict[str, nn.Linear], names: list[str],
-                     batches: list[torch.Tensor], kwargs: dict, acc: HessianAccumulator | None = None,
-                     taps: dict | None = None) -> HessianAccumulator:
-    """The Hessian of a group of modules sharing one input, over `batches`.
+def accumulate_phase(layer: nn.Module, plan: Plan, k: int, batches: list[torch.Tensor], calls: dict, i: int,
+                     accs: list[HessianAccumulator] | None = None) -> list[HessianAccumulator]:
+    """The Hessians of phase k's groups (one per group) over `batches`.
 
-    The layer's forward is cut right after the group's input is seen, so calibrating the first
-    modules of a layer costs almost nothing.
+    A dense phase stops the layer's forward as soon as its input is seen; an expert phase runs the
+    experts (each sees exactly its routed tokens) and stops at the next dense phase's first use.
     """
-    acc = acc or HessianAccumulator(modules[names[0]].in_features, device=batches[0].device)
-    hook = input_hook(layer, modules, names[0], acc.add, stop=True, taps=taps)
-    try:
+    phase, units = plan.phases[k], plan.units
+    if accs is None:
+        accs = [HessianAccumulator(units[g[0]].weight(layer).shape[1], device=batches[0].device) for g in phase]
+    feeds = {g[0]: j for j, g in enumerate(phase)}  # a group's input is taken at its first unit's use
+    where = plan.phase_of()
+    expert = plan.expert_phase[k]
+
+    def on_use(u, x):
+        j = feeds.get(u.name)
+        if j is not None:
+            accs[j].add(x)
+            if not expert:
+                raise _StopForward
+        elif expert and where.get(u.name, -1) > k and not plan.expert_phase[where[u.name]]:
+            raise _StopForward
+
+    with WeightUses(layer, units, on_use):
         for b in batches:
-            run_until_hooks(layer, b, kwargs)
-    finally:
-        hook.remove()
-    return acc
+            run_until_stop(layer, b, calls[tuple(b.shape[:2])][i])
+    return accs
 
 
-def prune_group(modules: dict[str, nn.Linear], names: list[str], acc: HessianAccumulator,
-                spec: PruneSpec, where: str = "") -> dict[str, dict]:
+def prune_phase(layer: nn.Module, plan: Plan, k: int, accs: list[HessianAccumulator], spec: PruneSpec,
+                where: str = "") -> dict[str, dict]:
     reports = {}
-    H = acc.hessian
-    for name in names:
-        mod = modules[name]
-        try:
-            res = prune_with_info(mod.weight.data, H, **spec.kwargs())
-        except (ValueError, RuntimeError, FloatingPointError) as e:  # say which module failed
-            raise type(e)(f"{where}{name}: {e}") from e
-        mod.weight.data = res.weight
-        w = res.weight
-        reports[name] = {"shape": list(w.shape), "sparsity": (w == 0).float().mean().item(),
-                         "error": res.error, "damping": res.damping, "seconds": res.seconds,
-                         "tokens": acc.count}
+    phase, units = plan.phases[k], plan.units
+    pooled: dict[str, HessianAccumulator] = {}
+    if plan.expert_phase[k]:  # the fallback for experts that got too few tokens
+        for g, acc in zip(phase, accs):
+            key = units[g[0]].param
+            pooled.setdefault(key, HessianAccumulator(acc.columns, device=acc.hessian.device)).merge(acc)
+    for g, acc in zip(phase, accs):
+        fallback = plan.expert_phase[k] and acc.count < MIN_EXPERT_TOKENS
+        src = pooled[units[g[0]].param] if fallback else acc
+        H = src.hessian
+        for name in g:
+            u = units[name]
+            try:
+                res = prune_with_info(u.weight(layer), H, **spec.kwargs())
+            except (ValueError, RuntimeError, FloatingPointError) as e:  # say which matrix failed
+                raise type(e)(f"{where}{name}: {e}") from e
+            u.set(layer, res.weight)
+            w = res.weight
+            reports[name] = {"shape": list(w.shape), "sparsity": (w == 0).float().mean().item(),
+                             "error": res.error, "damping": res.damping, "seconds": res.seconds,
+                             "tokens": acc.count}
+            reports[name]["param"] = u.param  # where it lives in the layer (as transformers loads it)
+            if u.expert is not None:
+                reports[name]["expert"] = u.expert
+            if u.transposed:
+                reports[name]["transposed"] = True  # stored (inputs, outputs): Conv1D, x @ W experts
+            if fallback:
+                reports[name]["fallback"] = f"pooled Hessian ({src.count} tokens): fewer than {MIN_EXPERT_TOKENS} routed"
     return reports
 
 
@@ -205,10 +352,8 @@ def prune_group(modules: dict[str, nn.Linear], names: list[str], acc: HessianAcc
 class _Open:
     """A loaded layer with what calibrating it needs."""
     layer: nn.Module
-    modules: dict[str, nn.Linear]
-    taps: dict
-    groups: list[list[str]] | None = None
-    early: HessianAccumulator | None = None  # first group's Hessian, filled while batches arrive
+    plan: Plan | None = None
+    early: list[HessianAccumulator] | None = None  # first phase's Hessians, filled while batches arrive
 
 
 class SliceRunner:
@@ -216,16 +361,17 @@ class SliceRunner:
 
     hessians_from: "calib" (sequential calibration: every layer sees the outputs of the pruned
     layers before it) or "calib_dense" (every layer's input is the dense model's activation, so
-    layers are independent). Either way, inside a layer later groups see the pruned earlier ones.
+    layers are independent). Either way, inside a layer later phases see the pruned earlier ones.
     store: an OutputDir (or None): finished layers are committed there, and layers already
     committed are loaded from it instead of being solved again.
+    calls: per batch shape, each layer's call arguments (`Trunk.embed`).
     """
 
-    def __init__(self, trunk: Trunk, layer_ids: list[int], spec: PruneSpec, kwargs: list[dict],
+    def __init__(self, trunk: Trunk, layer_ids: list[int], spec: PruneSpec, calls: dict,
                  hessians_from: str = "calib", store=None, on_layer=None):
         if hessians_from not in ("calib", "calib_dense"):
             raise ValueError(f"hessians_from must be 'calib' or 'calib_dense', got {hessians_from!r}")
-        self.trunk, self.layer_ids, self.spec, self.kwargs = trunk, list(layer_ids), spec, kwargs
+        self.trunk, self.layer_ids, self.spec, self.calls = trunk, list(layer_ids), spec, calls
         self.hessians_from, self.store, self.on_layer = hessians_from, store, on_layer
         self.streams: dict[str, list[torch.Tensor]] = {s: [] for s in STREAMS}
         self.active: set[str] = set()
@@ -237,9 +383,9 @@ class SliceRunner:
 
     def _open(self, i: int, sample: torch.Tensor | None) -> _Open:
         layer = self.trunk.load_layer(i)
-        o = _Open(layer, self.trunk.adapter.prunable(layer), self.trunk.adapter.layer_taps(layer))
+        o = _Open(layer)
         if sample is not None:
-            o.groups = trace_groups(layer, o.modules, sample, self.kwargs[i], o.taps)
+            o.plan = plan_layer(layer, self.trunk.adapter, sample, self.calls[tuple(sample.shape[:2])][i])
         return o
 
     def push(self, stream: str, batch: torch.Tensor) -> None:
@@ -253,7 +399,7 @@ class SliceRunner:
             if self._first is None:
                 self._first = self._open(first, batch)
             o = self._first
-            o.early = accumulate_group(o.layer, o.modules, o.groups[0], [batch], self.kwargs[first], o.early, o.taps)
+            o.early = accumulate_phase(o.layer, o.plan, 0, [batch], self.calls, first, o.early)
         self.busy += time.perf_counter() - t0
 
     @torch.no_grad()
@@ -267,7 +413,7 @@ class SliceRunner:
         out = list(self.streams[stream])
         for i in self.layer_ids:
             layer = self.trunk.load_layer(i)
-            out = forward(layer, out, self.kwargs[i])
+            out = forward(layer, out, self.calls, i)
             self.trunk.unload_layer(i)
         self.busy += time.perf_counter() - t0
         return out
@@ -284,7 +430,7 @@ class SliceRunner:
         return self.reports
 
     def _layer(self, i: int) -> dict:
-        trunk, kw, s = self.trunk, self.kwargs[i], self.streams
+        trunk, calls, s = self.trunk, self.calls, self.streams
         solve = i not in self.done
         if self._first is not None and i == self.layer_ids[0]:
             o, self._first = self._first, None
@@ -295,11 +441,11 @@ class SliceRunner:
         hess_src = s["calib"]
         if "calib_dense" in self.active:
             dense_in = s["calib_dense"]
-            s["calib_dense"] = forward(o.layer, dense_in, kw)  # before any module is pruned
+            s["calib_dense"] = forward(o.layer, dense_in, calls, i)  # before anything is pruned
             if self.hessians_from == "calib_dense":
-                hess_src = dense_in  # the layer's input is dense; its later groups see the pruned earlier ones
+                hess_src = dense_in  # the layer's input is dense; its later phases see the pruned earlier ones
         if "eval_dense" in self.active:
-            s["eval_dense"] = forward(o.layer, s["eval_dense"], kw)
+            s["eval_dense"] = forward(o.layer, s["eval_dense"], calls, i)
 
         if not solve:
             tensors, report = self.store.load_layer(i)
@@ -307,32 +453,43 @@ class SliceRunner:
             layer = trunk.load_layer(i, tensors)
             report = dict(report, resumed=True)
         else:
-            layer, mod_reports = o.layer, {}
-            for k, names in enumerate(o.groups):
+            layer, plan, mod_reports = o.layer, o.plan, {}
+            for k in range(len(plan.phases)):
                 if k == 0 and o.early is not None:
-                    acc = o.early
+                    accs = o.early
                 else:
-                    acc = accumulate_group(layer, o.modules, names, hess_src, kw, taps=o.taps)
-                mod_reports.update(prune_group(o.modules, names, acc, self.spec, f"layer {i} "))
-                del acc
-            report = {"layer": i, "groups": o.groups, "modules": mod_reports,
-                      "sparsity": _layer_sparsity(o.modules)}
+                    accs = accumulate_phase(layer, plan, k, hess_src, calls, i)
+                mod_reports.update(prune_phase(layer, plan, k, accs, self.spec, f"layer {i} "))
+                del accs
+            report = {"layer": i, "groups": [g for ph in plan.phases for g in ph], "modules": mod_reports,
+                      **layer_sparsity(layer, plan)}
             if self.store is not None:
-                prefix = trunk.layer_prefix(i)
-                self.store.commit_layer(i, {f"{prefix}.{n}": p.to(trunk.files.dtypes[f"{prefix}.{n}"])
-                                            for n, p in layer.named_parameters()}, report)
+                self.store.commit_layer(i, {k: v.to(trunk.files.dtypes.get(k, v.dtype))
+                                            for k, v in trunk.layer_tensors(i).items()}, report)
             self.solved += 1
 
         if "calib" in self.active:
-            s["calib"] = forward(layer, s["calib"], kw)
+            s["calib"] = forward(layer, s["calib"], calls, i)
             _check_finite(s["calib"], f"layer {i}")
         if "eval_pruned" in self.active:
-            s["eval_pruned"] = forward(layer, s["eval_pruned"], kw)
+            s["eval_pruned"] = forward(layer, s["eval_pruned"], calls, i)
             _check_finite(s["eval_pruned"], f"layer {i}")
         trunk.unload_layer(i)
         return report
 
 
-def _layer_sparsity(modules: dict[str, nn.Linear]) -> float:
-    zeros = sum((m.weight == 0).sum().item() for m in modules.values())
-    return zeros / sum(m.weight.numel() for m in modules.values())
+def layer_sparsity(layer: nn.Module, plan: Plan | None) -> dict:
+    """Sparsity over every weight of two or more dimensions in the layer (norms and biases aside),
+    and the ones that stayed dense, by name, with why and how many weights."""
+    zeros = total = 0
+    dense: dict[str, dict] = {}
+    reasons = plan.dense_left if plan is not None else {}
+    for name, p in layer.named_parameters():
+        if p.dim() < 2:
+            continue
+        z = (p == 0).sum().item()
+        zeros += z
+        total += p.numel()
+        if name in reasons or z == 0:
+            dense[name] = {"reason": reasons.get(name, "no zeros"), "weights": p.numel()}
+    return {"sparsity": zeros / total if total else 0.0, "weights": total, "dense_left": dense}

@@ -91,13 +91,15 @@ def build_skeleton(files: ModelFiles, dtype: torch.dtype = torch.float32) -> tup
     adapter = get_adapter(files.config)
     try:
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(files.config, dtype=dtype)
-    except ValueError as e:
+            # Eager experts: one matmul per expert, so each expert's routed tokens can be seen.
+            model = AutoModelForCausalLM.from_config(files.config, dtype=dtype, experts_implementation="eager")
+    except (ValueError, TypeError) as e:
         raise ModelFilesError(f"unsupported architecture {files.config.model_type!r}: {str(e).splitlines()[0]}") from None
     model.tie_weights()  # tied heads share the embedding tensor; shards store it once
     model.eval()
     model.requires_grad_(False)
     model._mwprune_aliases = _aliases(model)  # before loading replaces (and so unties) parameters
+    model._mwprune_conversion = Conversion(model, files)
     return model, adapter
 
 
@@ -109,45 +111,142 @@ def _aliases(model: nn.Module) -> dict[str, list[str]]:
     return {n: names for names in by_id.values() for n in names}
 
 
+def _under(name: str, prefix: str) -> bool:
+    return not prefix or name == prefix or name.startswith(prefix + ".")
+
+
+class Conversion:
+    """transformers' own checkpoint conversion (renames, per-expert tensors fused into 3-D ones,
+    prefixes), applied one module at a time instead of to the whole checkpoint at once.
+
+    `sources[key]` lists the model tensors (parameters and persistent buffers) that checkpoint
+    tensor `key` feeds, exactly as `from_pretrained` would route it; `revert` maps a module's
+    tensors back to the checkpoint's names, as `save_pretrained` would.
+    """
+
+    def __init__(self, model: nn.Module, files: ModelFiles):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        self.mapping = get_model_conversion_mapping(model)
+        renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
+        by_pattern = {p: c for c in converters for p in c.source_patterns}
+        meta = model.state_dict()
+        self.model_keys = set(meta)
+        self.sources: dict[str, list[str]] = {}
+        for key in sorted(files.files):
+            target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+            if target not in meta and key in meta:  # as transformers: the key needed no renaming
+                target, pattern = key, None
+            if target not in meta:
+                continue  # a tensor the model does not use (vision tower of a text-only load...)
+            if pattern is None:
+                self.sources[key] = [target]
+            else:  # one source may feed several targets (a fused qkv split into q, k, v)
+                c = by_pattern[pattern]
+                self.sources[key] = [target.replace(c.target_patterns[0], t) for t in c.target_patterns]
+        self.used = [m for m in self.mapping if m.was_used()]
+
+    def keys_for(self, prefix: str) -> list[str]:
+        """Checkpoint keys that feed any tensor under module `prefix`."""
+        return [k for k, ts in self.sources.items() if any(_under(t, prefix) for t in ts)]
+
+    def load(self, model: nn.Module, tensors: dict[str, torch.Tensor], device, dtype) -> set[str]:
+        """Convert checkpoint tensors and set them on `model`; returns the model keys set."""
+        import copy
+        import os
+
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+        from transformers.utils import logging as hf_logging
+
+        os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")  # no loader threads: one layer at a time
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # its per-call "Loading weights" bar would flood the log
+        try:
+            info, _ = convert_and_load_state_dict_in_model(
+                model, dict(tensors), LoadStateDictConfig(device_map={"": str(device)}, dtype=dtype,
+                                                          weight_mapping=copy.deepcopy(self.mapping)))
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
+        if info.mismatched_keys:
+            name, got, want = sorted(info.mismatched_keys, key=str)[0]
+            raise ModelFilesError(f"tensor {name} has shape {tuple(got)} in the checkpoint, the model expects {tuple(want)}")
+        if info.conversion_errors:
+            name, msg = next(iter(info.conversion_errors.items()))
+            raise ModelFilesError(f"cannot convert checkpoint tensor {name}: {str(msg).splitlines()[0]}")
+        return {t for k in tensors for t in self.sources.get(k, [])}
+
+    def revert(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Model tensors (full names) -> checkpoint names and layout, as save_pretrained writes them."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        saved = getattr(model, "_weight_conversions", None)
+        model._weight_conversions = self.used  # what this checkpoint's keys actually went through
+        try:
+            out = revert_weight_conversion(model, dict(tensors))
+        finally:
+            model._weight_conversions = saved
+        return {k: v.contiguous() for k, v in out.items()}
+
+
 def load_module(model: nn.Module, files: ModelFiles, prefix: str, device, dtype: torch.dtype,
                 tensors: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """Materialise the parameters of submodule `prefix` on `device`.
+    """Materialise the parameters (and checkpoint buffers) of submodule `prefix` on `device`,
+    through transformers' checkpoint conversion.
 
-    `tensors` (name relative to the module -> tensor) overrides the shards: how pruned layers
-    committed to a run's output are loaded back on resume.
+    `tensors` (checkpoint names -> tensors) replaces the shards for the keys it holds: how pruned
+    layers committed to a run's output are loaded back on resume.
     """
+    conv: Conversion = model._mwprune_conversion
     module = model.get_submodule(prefix)
     aliases = getattr(model, "_mwprune_aliases", None) or _aliases(model)
-    wanted = {}
-    for name, _ in module.named_parameters(remove_duplicate=False):
-        full = f"{prefix}.{name}" if prefix else name
-        if tensors is not None and name in tensors:
-            continue
-        src = next((a for a in aliases.get(full, [full]) if a in files.files), None)
-        if src is None:
-            raise ModelFilesError(f"tensor {full} missing from the checkpoint in {files.folder}")
-        wanted[name] = src
-    loaded = files.read(sorted(set(wanted.values())), device=device, dtype=dtype)
-    for name, _ in list(module.named_parameters(remove_duplicate=False)):
-        value = tensors[name].to(device=device, dtype=dtype) if tensors is not None and name in tensors \
-            else loaded[wanted[name]]
-        owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    wanted = {f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(remove_duplicate=False)}
+    keys = conv.keys_for(prefix)
+    fed = {t for k in keys for t in conv.sources[k]}
+    for name in sorted(wanted - fed):  # a tied parameter: load the tensor it shares (head ~ embedding)
+        alt = next((a for a in aliases.get(name, []) if a in {t for ts in conv.sources.values() for t in ts}), None)
+        if alt is None:
+            raise ModelFilesError(f"tensor {name} missing from the checkpoint in {files.folder}")
+        keys += [k for k in conv.keys_for(alt) if alt in conv.sources[k] and k not in keys]
+    given = {k: v for k, v in (tensors or {}).items() if k in keys}
+    read = files.read(sorted(set(keys) - set(given)))
+    loaded = conv.load(model, {**read, **given}, device, dtype)
+    for name in sorted(wanted - loaded):
+        alt = next(a for a in aliases.get(name, []) if a in loaded)
+        _set(model, name, model.get_parameter(alt))
+    for name, p in list(module.named_parameters(remove_duplicate=False)):
+        if p.device.type != "meta" and p.requires_grad:  # transformers' loader makes them trainable
+            _set(module, name, nn.Parameter(p.data, requires_grad=False))
     for name, buf in module.named_buffers():
-        owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        owner._buffers[leaf] = buf.to(device)
+        if buf.device.type != "meta":
+            owner_name, _, leaf = name.rpartition(".")
+            (module.get_submodule(owner_name) if owner_name else module)._buffers[leaf] = buf.to(device)
     return module
+
+
+def _set(root: nn.Module, name: str, value: nn.Parameter) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    (root.get_submodule(owner_name) if owner_name else root)._parameters[leaf] = value
+
+
+def module_tensors(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of module `prefix`, under the checkpoint's own names and layout."""
+    conv: Conversion = model._mwprune_conversion
+    module = model.get_submodule(prefix)
+    fed = {t for k in conv.keys_for(prefix) for t in conv.sources[k] if _under(t, prefix)}
+    state = {f"{prefix}.{n}": t for n, t in module.state_dict(keep_vars=True).items()
+             if f"{prefix}.{n}" in fed}
+    return conv.revert(model, {k: v.detach() for k, v in state.items()})
 
 
 def unload_module(model: nn.Module, prefix: str) -> None:
     """Give a module's parameters back to the meta device (frees their memory)."""
     module = model.get_submodule(prefix)
     for name, p in list(module.named_parameters(remove_duplicate=False)):
-        owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        owner._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        _set(module, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
 
 
 def non_layer_prefixes(model: nn.Module, adapter: Adapter) -> tuple[list[str], list[str]]:

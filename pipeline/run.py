@@ -18,6 +18,7 @@ import torch
 from . import assets, data, loading
 from .calibrate import PruneSpec, SliceRunner, Trunk
 from .checkpoint import OutputDir
+from .models.generic import candidates
 
 METHODS = ("multiweight", "sparsegpt", "wanda", "magnitude")
 MODES = ("sequential", "stagewise", "dense")
@@ -189,11 +190,15 @@ def finish(p: Prepared, out: OutputDir, trunk: Trunk, layer_reports: list[dict],
     """Write everything outside the decoder layers, and the report; returns the report."""
     layer_reports = sorted(layer_reports, key=lambda r: r["layer"])
     zeros = total = 0
+    dense_left: dict[str, dict] = {}
     for r in layer_reports:
-        for m in r["modules"].values():
-            n = m["shape"][0] * m["shape"][1]
-            zeros += round(m["sparsity"] * n)
-            total += n
+        total += r["weights"]
+        zeros += round(r["sparsity"] * r["weights"])
+        for name, d in r.get("dense_left", {}).items():
+            dense_left[f"{trunk.layer_prefix(r['layer'])}.{name}"] = dict(d)
+    for d in dense_left.values():
+        d["share"] = d["weights"] / total if total else 0.0
+    fallback = sorted(f"{r['layer']}.{n}" for r in layer_reports for n, m in r["modules"].items() if "fallback" in m)
     c = p.cfg
     report = {
         "tool": "mwprune", "model": str(p.files.folder), "family": loading.get_adapter(p.files.config).family,
@@ -201,14 +206,17 @@ def finish(p: Prepared, out: OutputDir, trunk: Trunk, layer_reports: list[dict],
         "refit": c.refit, "solver_options": c.solver_options, "mode": c.mode, "device": c.device,
         "dtype": str(p.dtype), "calibration": p.calib_protocol, "evaluation": p.eval_protocol,
         "perplexity": ppl, "sparsity": {"overall": zeros / total if total else 0.0,
-                                        "per_layer": {r["layer"]: r["sparsity"] for r in layer_reports}},
+                                        "per_layer": {r["layer"]: r["sparsity"] for r in layer_reports},
+                                        "dense_left": dense_left,
+                                        "dense_left_share": sum(d["share"] for d in dense_left.values()),
+                                        "experts_fallback": fallback},
         "layers": layer_reports, "layers_resumed": sum(1 for r in layer_reports if r.get("resumed")),
         "seconds": seconds, "peak_memory": peak_memory_mb(),
     }
     if extra:
         report.update(extra)
-    layer_names = {i: trunk.layer_param_names(i) for i in range(trunk.n_layers)}
-    rest = p.files.read([n for n in p.files.files if not n.startswith(trunk.layers_path + ".")])
+    layer_names = {i: trunk.layer_keys(i) for i in range(trunk.n_layers)}
+    rest = p.files.read(trunk.rest_keys())
     rest = {k: v.to(p.files.dtypes[k]) for k, v in rest.items()}
     out.finalize(p.files.folder, rest, layer_names, report)
     return report
@@ -239,13 +247,16 @@ class Progress:
 
 
 def check_pattern(trunk: Trunk, spec: PruneSpec) -> None:
-    """N:M needs every pruned module's input width divisible by M: fail before any work."""
+    """N:M needs every pruned linear module's input width divisible by M: fail before any work
+    (other matrices, such as experts, are checked by the solver, whose error names them)."""
     if not spec.nm:
         return
     m = spec.nm[1]
     for i in range(trunk.n_layers):
-        for name, mod in trunk.adapter.prunable(trunk.layers[i]).items():
-            if mod.in_features % m:
+        units, _ = candidates(trunk.layers[i], trunk.adapter)
+        for name, u in units.items():
+            mod = trunk.layers[i].get_submodule(u.param.rpartition(".")[0]) if "." in u.param else None
+            if isinstance(mod, torch.nn.Linear) and mod.in_features % m:
                 raise ConfigError(f"N:M {spec.pattern()} needs input widths divisible by {m}; "
                                   f"layer {i} {name} has {mod.in_features}")
 
@@ -264,14 +275,16 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict:
         return json.loads(out.read_bytes("report.json"))
     if status == "resume":
         progress.note(f"resuming in {cfg.out}: {len(out.committed())} of {trunk.n_layers} layers already done")
-    calib_hidden, kwargs = trunk.embed(data.batches(p.calib, cfg.batch_size))
+    calib_hidden, calls = trunk.embed(data.batches(p.calib, cfg.batch_size))
     hessians_from = "calib_dense" if cfg.mode == "dense" else "calib"
-    runner = SliceRunner(trunk, list(range(trunk.n_layers)), p.spec, kwargs, hessians_from, out, progress)
+    runner = SliceRunner(trunk, list(range(trunk.n_layers)), p.spec, calls, hessians_from, out, progress)
     for b in calib_hidden:
         runner.push(hessians_from, b)
     if p.evalw is not None:
         eval_ids = data.batches(p.evalw, cfg.batch_size)
-        eval_hidden, _ = trunk.embed(eval_ids)
+        eval_hidden, eval_calls = trunk.embed(eval_ids)
+        for key, c in eval_calls.items():
+            runner.calls.setdefault(key, c)
         for b in eval_hidden:
             runner.push("eval_dense", b)
             runner.push("eval_pruned", b)

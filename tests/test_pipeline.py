@@ -32,12 +32,30 @@ def small_run(model, out, texts, **kw) -> dict:
     return run(RunConfig(**args), quiet=True)
 
 
-def pruned_linears(folder):
+def pruned_matrices(folder, report) -> dict[str, torch.Tensor]:
+    """Every matrix the report says was pruned, read back through from_pretrained, as (out, in)."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     from pipeline.models import get_adapter
-    adapter = get_adapter(model.config)
-    return {f"{i}.{n}": m.weight.detach() for i, layer in enumerate(adapter.layer_list(model))
-            for n, m in adapter.prunable(layer).items()}
+    layers = get_adapter(model.config).layer_list(model)
+    out = {}
+    for r in report["layers"]:
+        for name, m in r["modules"].items():
+            w = layers[r["layer"]].get_parameter(m["param"]).detach()
+            w = w[m["expert"]] if "expert" in m else w
+            out[f"{r['layer']}.{name}"] = w.T if m.get("transposed") else w
+    return out
+
+
+def checkpoint_sparsity(folder) -> float:
+    """Zeros over all weights of two or more dimensions inside the decoder layers of a checkpoint."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    from pipeline.models import get_adapter
+    ws = [p for p in get_adapter(model.config).layer_list(model).parameters() if p.dim() >= 2]
+    return sum((w == 0).sum().item() for w in ws) / sum(w.numel() for w in ws)
+
+
+def pruned_linears(folder):
+    return pruned_matrices(folder, json.loads((folder / "report.json").read_text()))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -56,7 +74,10 @@ def test_family_prunes_reloads_and_matches_transformers(family, tiny_model, shor
     for name, w in weights.items():
         # Unstructured 50%: the solver prunes exactly round(s * r * c) per layer-module.
         assert (w == 0).sum().item() == round(0.5 * w.numel()), name
-    assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-6)
+    # Overall sparsity counts every >=2-D weight of the layers, the ones left dense too (Mamba's
+    # A_log and conv1d), as the checkpoint holds them.
+    assert report["sparsity"]["overall"] == pytest.approx(checkpoint_sparsity(tmp_path / "out"), abs=1e-9)
+    assert report["sparsity"]["overall"] <= 0.5
     assert all(r["modules"] for r in report["layers"])
 
 

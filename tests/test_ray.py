@@ -171,6 +171,18 @@ def test_sequential_stages_equal_single_process_other_families(ray_local, tmp_pa
     assert report(tmp_path / "k3")["perplexity"] == report(tmp_path / "single")["perplexity"]
 
 
+@pytest.mark.parametrize("mode", ["sequential", "dense"])
+def test_moe_stages_equal_single_process(ray_local, tmp_path, tiny_model, short_texts, mode):
+    """A mixture of experts under Ray: every expert pruned, the same result as one process."""
+    model = tiny_model("mixtral")
+    with one_thread():
+        assert prune(tiny_argv(model, short_texts, tmp_path / "single", "--mode", mode)) == 0
+    assert prune(tiny_argv(model, short_texts, tmp_path / "k2", "--mode", mode, "--stages", 2)) == 0
+    assert_identical(tmp_path / "single", tmp_path / "k2")
+    assert report(tmp_path / "k2")["perplexity"] == report(tmp_path / "single")["perplexity"]
+    assert sum("expert" in m for r in report(tmp_path / "k2")["layers"] for m in r["modules"].values()) == 2 * 2 * 4
+
+
 def test_dense_mode_gives_the_same_output_for_any_number_of_stages(ray_local, tiny_runs):
     for k in (1, 2, 3):
         assert_identical(tiny_runs("dense", 0), tiny_runs("dense", k))

@@ -1,10 +1,11 @@
-"""How to find a model's decoder layers, the modules to prune, and what runs after the layers.
+"""How to find a model's decoder layers and the matrices to prune.
 
 The generic adapter covers any HF causal LM whose decoder layers form a ModuleList: it prunes every
-nn.Linear inside a layer and learns which modules share an input, and in what order they run, by
-tracing one real forward (`trace_groups`). Family files only name what differs.
+matrix a layer multiplies by (linear weights, Conv1D, fused experts) and learns which share an
+input, and in what order they run, by tracing one real forward (`plan_layer`). Family files only
+name what differs.
 """
-from .generic import Adapter, UnsupportedModel, trace_groups
+from .generic import Adapter, Plan, Unit, UnsupportedModel, plan_layer
 from .families import FAMILIES, get_adapter
 
-__all__ = ["Adapter", "UnsupportedModel", "trace_groups", "FAMILIES", "get_adapter"]
+__all__ = ["Adapter", "Plan", "Unit", "UnsupportedModel", "plan_layer", "FAMILIES", "get_adapter"]

@@ -1,11 +1,19 @@
-"""The generic adapter: layers, prunable modules, calibration order, tail modules."""
+"""The generic adapter: decoder layers, the matrices a layer multiplies by, and their calibration order.
+
+Nothing here knows a family. A layer's prunable matrices ("units") are found by watching one real
+forward: every `F.linear`, `matmul` or `addmm` whose weight operand is a parameter of the layer (or
+one expert's slice of a 3-D parameter) is a use of that unit, and its other operand is the unit's
+input. That one rule covers `nn.Linear`, GPT-2's `Conv1D` (a transposed weight in `addmm`), Mamba's
+`dt_proj` (its weight multiplied directly, no module call) and fused MoE experts (`W[e]` per expert,
+fed exactly the tokens the router sent to expert e).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 
 class UnsupportedModel(ValueError):
@@ -16,22 +24,23 @@ class _StopForward(Exception):
     pass
 
 
+# Leaf module names of routers and expert gates: they choose experts and are never pruned.
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate", "gating")
+
+
+def is_router(param: str) -> bool:
+    owner = param.rpartition(".")[0]
+    leaf = owner.rpartition(".")[2] if owner else param
+    return leaf in ROUTER_NAMES or leaf.endswith(("_gate", "_router"))
+
+
 @dataclass(frozen=True)
 class Adapter:
     """Names inside a HF causal LM. Empty `layers` means: the largest ModuleList of the model."""
     family: str = "generic"
     layers: str = ""
-    # Modules applied after the last decoder layer and before the head, in order (absent ones skipped).
-    tail: tuple[str, ...] = ()
-    head: str = "lm_head"
-    # Only these Linear names (suffixes inside a layer) are pruned; empty = every nn.Linear.
+    # Only units whose owner module's leaf name is here are pruned; empty = every unit.
     prune_only: tuple[str, ...] = ()
-    # Modules whose weight the layer uses directly (never calling the module), so a pre-hook never
-    # fires: name -> (module whose *output* carries the input, function output -> input).
-    taps: Callable[[nn.Module], dict[str, tuple[str, Callable]]] | None = None
-
-    def layer_taps(self, layer: nn.Module) -> dict[str, tuple[str, Callable]]:
-        return self.taps(layer) if self.taps else {}
 
     def layers_path(self, model: nn.Module) -> str:
         if self.layers:
@@ -49,83 +58,190 @@ class Adapter:
     def layer_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers_path(model))
 
-    def tail_paths(self, model: nn.Module) -> list[str]:
-        if self.tail:
-            names = list(self.tail)
-        else:  # conventional names of the final norm, beside the layer list
-            parent = self.layers_path(model).rpartition(".")[0]
-            names = [f"{parent}.{n}" if parent else n for n in ("norm", "final_layer_norm", "norm_f", "ln_f")]
-        out = []
-        for n in names:
-            try:
-                if model.get_submodule(n) is not None:
-                    out.append(n)
-            except AttributeError:
-                pass
-        return out
 
-    def prunable(self, layer: nn.Module) -> dict[str, nn.Linear]:
-        mods = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        if self.prune_only:
-            mods = {n: m for n, m in mods.items() if n.rpartition(".")[2] in self.prune_only}
-        if not mods:
-            raise UnsupportedModel(f"no linear modules to prune in {type(layer).__name__}")
-        return mods
+@dataclass
+class Unit:
+    """One matrix the layer multiplies by: a 2-D parameter, or expert `expert` of a 3-D one.
+
+    `transposed`: stored as (inputs, outputs) (Conv1D, experts used as `x @ W[e]`); learned from
+    how the forward uses it. Solvers always see (outputs, inputs).
+    """
+    name: str
+    param: str
+    expert: int | None = None
+    transposed: bool = False
+
+    def tensor(self, layer: nn.Module) -> torch.Tensor:
+        p = layer.get_parameter(self.param)
+        return p[self.expert] if self.expert is not None else p
+
+    def weight(self, layer: nn.Module) -> torch.Tensor:
+        t = self.tensor(layer)
+        return t.T if self.transposed else t
+
+    def set(self, layer: nn.Module, w: torch.Tensor) -> None:
+        t = self.tensor(layer)
+        t.copy_(w.T if self.transposed else w)
 
 
-def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = layer(hidden, **kwargs)
+@dataclass
+class Plan:
+    """How a layer is calibrated: phases in forward order; a phase is a list of groups (units that
+    share one input, hence one Hessian). A dense phase is one group, solved before the forward reaches
+    the next phase. An expert phase holds one group per expert of the same parameters: all its
+    experts see their routed tokens in one forward, and are solved together."""
+    units: dict[str, Unit]
+    phases: list[list[list[str]]]
+    expert_phase: list[bool]
+    dense_left: dict[str, str] = field(default_factory=dict)  # layer parameter -> why it stays dense
+
+    def phase_of(self) -> dict[str, int]:
+        return {u: k for k, ph in enumerate(self.phases) for g in ph for u in g}
+
+
+def candidates(layer: nn.Module, adapter: Adapter) -> tuple[dict[str, Unit], dict[str, str]]:
+    """Every matrix of the layer that could be pruned, and the >=2-D weights that never can."""
+    units, dense = {}, {}
+    convs = {n for n, m in layer.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
+    for pname, p in layer.named_parameters():
+        owner = pname.rpartition(".")[0]
+        if p.dim() < 2:
+            continue
+        if is_router(pname):
+            dense[pname] = "router"
+        elif owner in convs or p.dim() > 3:
+            dense[pname] = "convolution" if owner in convs else f"{p.dim()}-D weight"
+        elif adapter.prune_only and owner.rpartition(".")[2] not in adapter.prune_only:
+            dense[pname] = "not selected by the family adapter"
+        elif p.dim() == 2:
+            name = pname[:-len(".weight")] if pname.endswith(".weight") else pname
+            units[name] = Unit(name, pname)
+        else:
+            for e in range(p.shape[0]):
+                units[f"{pname}[{e}]"] = Unit(f"{pname}[{e}]", pname, e)
+    return units, dense
+
+
+_LINEAR = {torch.nn.functional.linear, torch._C._nn.linear}
+_MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm, torch.bmm,
+           torch.Tensor.bmm}
+_ADDMM = {torch.addmm, torch.Tensor.addmm, torch.baddbmm, torch.Tensor.baddbmm}
+
+
+class WeightUses(TorchFunctionMode):
+    """Calls `on_use(unit, x)` whenever the forward multiplies by a unit; x is (..., in_features)."""
+
+    def __init__(self, layer: nn.Module, units: dict[str, Unit], on_use):
+        super().__init__()
+        self.units, self.on_use = units, on_use
+        self.by_ptr: dict[int, list[tuple[Unit, torch.Tensor]]] = {}
+        for u in units.values():
+            t = u.tensor(layer)
+            if t.device.type != "meta":
+                self.by_ptr.setdefault(t.data_ptr(), []).append((u, t))
+
+    def _match(self, w, used_out_in: bool) -> Unit | None:
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.device.type == "meta":
+            return None
+        for u, t in self.by_ptr.get(w.data_ptr(), ()):
+            if w.shape == t.shape and w.stride() == t.stride():
+                same = True
+            elif w.shape == t.shape[::-1] and w.stride() == t.stride()[::-1]:
+                same = False
+            else:
+                continue
+            u.transposed = not (used_out_in == same)  # stored (in, out) unless both or neither flip
+            return u
+        return None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.by_ptr and args:
+            hit = None
+            if func in _LINEAR and len(args) > 1:
+                u = self._match(args[1], True)
+                hit = (u, args[0]) if u else None
+            elif func in _MATMUL and len(args) > 1:
+                a, b = args[0], args[1]
+                u = self._match(b, False)
+                if u:
+                    hit = (u, a)
+                else:
+                    u = self._match(a, True)
+                    hit = (u, b.transpose(-2, -1)) if u and isinstance(b, torch.Tensor) and b.dim() >= 2 else None
+            elif func in _ADDMM and len(args) > 2:
+                u = self._match(args[2], False)
+                hit = (u, args[1]) if u else None
+            if hit:
+                self.on_use(*hit)
+        return func(*args, **kwargs)
+
+
+def call_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
+    args, kwargs = call
+    out = layer(hidden, *args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def input_hook(layer: nn.Module, modules: dict[str, nn.Linear], name: str, sink, stop: bool = False,
-               taps: dict | None = None):
-    """Feed the input of module `name` to `sink`; `stop` then skips the rest of the layer's forward."""
-    def feed(x):
-        sink(x)
-        if stop:
-            raise _StopForward
-    if taps and name in taps:
-        src, fn = taps[name]
-        return layer.get_submodule(src).register_forward_hook(lambda mod, args, out: feed(fn(out)))
-    return modules[name].register_forward_pre_hook(lambda mod, args: feed(args[0]))
+def _same_input(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return x is y or (x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride())
 
 
-def trace_groups(layer: nn.Module, modules: dict[str, nn.Linear], hidden: torch.Tensor,
-                 kwargs: dict, taps: dict | None = None) -> list[list[str]]:
-    """Calibration order of a layer's modules, grouped by shared input, from one real forward.
-
-    Modules that read the very same tensor (q/k/v; gate/up) form one group and share a Hessian.
-    Groups come in the order they run, so later groups can be calibrated on pruned earlier ones.
-    A module that never runs is an error: its Hessian would be empty.
-    """
-    seen: list[tuple[str, torch.Tensor]] = []
-    hooks = [input_hook(layer, modules, name, lambda x, name=name: seen.append((name, x)), taps=taps)
-             for name in modules]
-    try:
-        with torch.no_grad():
-            call_layer(layer, hidden[:1], kwargs)  # kwargs were captured for batch 1
-    finally:
-        for h in hooks:
-            h.remove()
+@torch.no_grad()
+def plan_layer(layer: nn.Module, adapter: Adapter, hidden: torch.Tensor, call: tuple[tuple, dict]) -> Plan:
+    """Trace one real forward: which units run, in what order, and which share an input."""
+    units, dense = candidates(layer, adapter)
+    uses: list[tuple[Unit, torch.Tensor]] = []
+    with WeightUses(layer, units, lambda u, x: uses.append((u, x))):
+        call_layer(layer, hidden, call)
     groups: list[tuple[torch.Tensor, list[str]]] = []
-    for name, x in seen:
+    for u, x in uses:
         for src, names in groups:
-            if x is src or (x.data_ptr() == src.data_ptr() and x.shape == src.shape and x.stride() == src.stride()):
-                if name not in names:
-                    names.append(name)
+            if _same_input(x, src):
+                if u.name not in names:
+                    names.append(u.name)
                 break
         else:
-            groups.append((x, [name]))
-    order = [names for _, names in groups]
-    missing = set(modules) - {n for g in order for n in g}
-    if missing:
-        raise UnsupportedModel(f"modules never called in a forward pass: {sorted(missing)}")
-    return order
+            groups.append((x, [u.name]))
+    phases: list[list[list[str]]] = []
+    expert_phase: list[bool] = []
+    by_param: dict[str, int] = {}  # an expert parameter -> its phase
+    for _, names in groups:
+        first = units[names[0]]
+        if first.expert is None:
+            phases.append([names])
+            expert_phase.append(False)
+            continue
+        # Experts of the same parameters form one phase, in the order their first expert ran.
+        key = ",".join(sorted({units[n].param for n in names}))
+        if key not in by_param:
+            by_param[key] = len(phases)
+            phases.append([])
+            expert_phase.append(True)
+        phases[by_param[key]].append(names)
+    used = {n for ph in phases for g in ph for n in g}
+    expert_params = {units[n].param for n in used if units[n].expert is not None}
+    for name, u in units.items():
+        if name in used:
+            continue
+        if u.expert is not None and u.param in expert_params:
+            # An expert the traced batch did not reach: its own group in its parameter's phase; its
+            # tokens (if any) arrive during calibration.
+            k = next(k for k, ph in enumerate(phases) if expert_phase[k] and u.param in
+                     {units[n].param for g in ph for n in g})
+            sib = next(units[n] for g in phases[k] for n in g if units[n].param == u.param)
+            u.transposed = sib.transposed
+            phases[k].append([name])
+        else:
+            dense[u.param] = "never multiplied in a forward pass"
+    kept = {n: u for n, u in units.items() if u.param not in dense}
+    if not kept:
+        raise UnsupportedModel(f"no prunable matrices found in {type(layer).__name__}")
+    return Plan(kept, phases, expert_phase, dense)
 
 
-def run_until_hooks(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> None:
+def run_until_stop(layer: nn.Module, hidden: torch.Tensor, call) -> None:
     try:
-        call_layer(layer, hidden, kwargs)
+        call_layer(layer, hidden, call)
     except _StopForward:
         pass

@@ -1,0 +1,110 @@
+"""The architecture matrix: tiny random models of every supported family, written by
+`save_pretrained` (the hub layout), pruned at 50% and 2:4 by the single-process job.
+
+For each: the report's dense and pruned perplexities equal a plain `from_pretrained` forward; every
+matrix the report lists is at its target; routers stay dense; the output's tensor names are the
+input checkpoint's own (per-expert, as serving engines expect); overall sparsity is what the
+checkpoint holds, dense leftovers included.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from test_pipeline import checkpoint_sparsity, hf_perplexity, pruned_matrices
+from tiny_models import ARCHS, MOE, write
+from pipeline.run import RunConfig, run
+
+SUPPORTED = tuple(a for a in ARCHS if a != "zamba2")
+EXPERTS = {"mixtral": 4, "qwen2_moe": 4, "qwen3_moe": 4, "olmoe": 4, "deepseek_v3": 4, "jamba": 4}
+
+
+@pytest.fixture(scope="session")
+def tiny_arch(tmp_path_factory, real_model_dir):
+    made = {}
+
+    def make(arch):
+        if arch not in made:
+            made[arch] = write(arch, tmp_path_factory.mktemp(f"arch-{arch}"), real_model_dir)
+        return made[arch]
+    return make
+
+
+def keys(folder) -> set[str]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        return set(f.keys())
+
+
+def tensor(folder, name) -> torch.Tensor:
+    index = folder / "model.safetensors.index.json"
+    shard = json.loads(index.read_text())["weight_map"][name] if index.is_file() else "model.safetensors"
+    with safe_open(folder / shard, "pt") as f:
+        return f.get_tensor(name)
+
+
+# 6 windows in batches of 4: two batch shapes, so arguments that depend on the batch (BLOOM's
+# ALiBi) must be right at both sizes.
+SMALL = dict(nsamples=6, seqlen=32, eval_windows=2, batch_size=4)
+
+
+@pytest.mark.parametrize("pattern", ["50%", "2:4"])
+@pytest.mark.parametrize("arch", SUPPORTED)
+def test_architecture(arch, pattern, tiny_arch, short_texts, tmp_path):
+    folder = tiny_arch(arch)
+    out = tmp_path / "out"
+    nm = {"nm": (2, 4)} if pattern == "2:4" else {}
+    report = run(RunConfig(out=str(out), model=str(folder), calib=str(short_texts["calib"]),
+                           eval=str(short_texts["eval"]), **SMALL, **nm), quiet=True)
+    # Same float32 ops as transformers' own forward, in other batch shapes: 1e-4 relative.
+    assert report["perplexity"]["dense"] == pytest.approx(hf_perplexity(folder, short_texts["eval"], 2, 32), rel=1e-4)
+    assert report["perplexity"]["pruned"] == pytest.approx(hf_perplexity(out, short_texts["eval"], 2, 32), rel=1e-4)
+
+    mats = pruned_matrices(out, report)
+    assert mats
+    for name, w in mats.items():
+        if pattern == "2:4":
+            assert ((w == 0).reshape(w.shape[0], -1, 4).sum(-1) >= 2).all(), name
+        else:
+            assert (w == 0).sum().item() == round(0.5 * w.numel()), name
+    sp = report["sparsity"]
+    assert sp["overall"] == pytest.approx(checkpoint_sparsity(out), abs=1e-9)
+    assert sp["overall"] >= 0.5 * (1 - sp["dense_left_share"]) - 1e-9
+    routers = [n for n, d in sp["dense_left"].items() if d["reason"] == "router"]
+    for n in routers:  # never pruned
+        assert (tensor(out, n) != 0).all() if n in keys(out) else True
+
+    # The output is written under the input's names and layout (per-expert tensors, embed_out...).
+    assert keys(out) == keys(folder)
+    if arch in MOE:
+        assert routers, "an MoE model has routers, and they stay dense"
+        experts = [m for r in report["layers"] for m in r["modules"].values() if "expert" in m]
+        moe_layers = {r["layer"] for r in report["layers"] if any("expert" in m for m in r["modules"].values())}
+        per_layer = len({m["param"] for m in experts}) and len(experts) // len(moe_layers)
+        assert per_layer % EXPERTS[arch] == 0 and per_layer >= EXPERTS[arch]  # every expert of every matrix
+        assert sum(m["tokens"] for m in experts) > 0
+        fallback = [f"{r['layer']}.{n}" for r in report["layers"] for n, m in r["modules"].items() if "fallback" in m]
+        assert sorted(fallback) == sp["experts_fallback"]
+
+
+def test_deepseek_router_bias_loaded_and_written(tiny_arch, short_texts, tmp_path):
+    """DeepSeek-V3's e_score_correction_bias is a checkpoint buffer: it routes the calibration tokens
+    and reaches the output unchanged."""
+    folder = tiny_arch("deepseek_v3")
+    name = next(k for k in keys(folder) if k.endswith("e_score_correction_bias"))
+    assert tensor(folder, name).abs().sum() > 0
+    run(RunConfig(out=str(tmp_path / "out"), model=str(folder), calib=str(short_texts["calib"]),
+                  eval_windows=0, nsamples=4, seqlen=32, batch_size=4), quiet=True)
+    assert torch.equal(tensor(tmp_path / "out", name), tensor(folder, name))
+
+
+def test_zamba2_refused_with_one_line(tiny_arch, short_texts, tmp_path):
+    from pipeline.models import UnsupportedModel
+    with pytest.raises(UnsupportedModel, match="input embeddings as an argument"):
+        run(RunConfig(out=str(tmp_path / "out"), model=str(tiny_arch("zamba2")), calib=str(short_texts["calib"]),
+                      eval_windows=0, nsamples=4, seqlen=32, batch_size=4), quiet=True)
