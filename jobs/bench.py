@@ -9,6 +9,8 @@ Writes results.json, results.md and PNG plots into --out and prints the tables.
             e2e_rows.jsonl as they finish: rerunning an interrupted grid skips the finished ones.
   pipeline  Ray modes x stages (jobs/bench_pipeline.py): wall time against the single-process
             job, busy fraction and peak memory per stage, perplexity; timeline_<mode>.png
+  moe       one 64-expert MoE MLP against one dense MLP of the same total size: CPU seconds per
+            layer per method and pattern (jobs/bench_moe.py)
   gpu       7B-class random layers: seconds per layer per method, projected for a whole 7B model,
             and the whole job on a random 2-layer model of those shapes (only where CUDA is)
 Small by default (27 minutes on 2 CPU cores); --full uses the issue protocol (16 x 512 calibration,
@@ -284,8 +286,8 @@ def gpu_table(res: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
-    ap.add_argument("--sections", nargs="+", default=["solvers", "e2e", "pipeline", "gpu"],
-                    choices=["solvers", "e2e", "pipeline", "gpu"])
+    ap.add_argument("--sections", nargs="+", default=["solvers", "e2e", "pipeline", "moe", "gpu"],
+                    choices=["solvers", "e2e", "pipeline", "moe", "gpu"])
     ap.add_argument("--full", action="store_true", help="the issue protocol and every pattern (hours on a 2-core CPU)")
     ap.add_argument("--patterns", nargs="+", default=None, help="e2e patterns, e.g. 0.5 2:4")
     ap.add_argument("--methods", nargs="+", default=None,
@@ -324,6 +326,11 @@ def main(argv=None) -> int:
         results["pipeline"] = json.loads(pj.read_text())
         md += ["## Pipeline", str(results["pipeline"].get("table", "(see pipeline.json)"))]
         md += [f"![{r['mode']} timeline]({r['timeline']})" for r in results["pipeline"]["rows"] if r.get("timeline")]
+    if "moe" in a.sections:
+        from jobs import bench_moe
+        torch.set_num_threads(1)  # CPU seconds of one thread: comparable across runs
+        results["moe"] = bench_moe.run(repeats=repeats)
+        md += ["## MoE layer", bench_moe.table(results["moe"])]
     if "gpu" in a.sections:
         if torch.cuda.is_available():
             results["gpu"] = gpu(repeats=repeats, work=a.out)

@@ -107,3 +107,14 @@ def test_pipeline_bench_reports_busy_memory_and_timeline(tmp_path, tiny_model):
     assert rows[("sequential", 2)]["perplexity"] == rows[("single-process", 1)]["perplexity"]
     assert (out.parent / "timeline_dense.png").read_bytes()[:4] == b"\x89PNG"
     assert "busy % per stage" in res["table"]
+
+
+def test_moe_bench_tiny(tmp_path):
+    """The MoE section at tiny scale: every method and pattern gets a row with positive times."""
+    from jobs import bench_moe
+    assert bench_moe.main(["--experts", "4", "--hidden", "32", "--inter", "8", "--tokens", "256",
+                           "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "moe.json").read_text())
+    assert {(r["method"], r["pattern"]) for r in res["rows"]} == \
+        {(m, p) for m in bench_moe.METHODS for p in bench_moe.PATTERNS}
+    assert all(r["moe_s"] > 0 and r["dense_s"] > 0 for r in res["rows"])

@@ -29,6 +29,13 @@ def config(arch: str):
                                           final_logit_softcapping=0.5, initializer_range=0.2, **ATTN),
         "gemma3_text": lambda: tf.Gemma3TextConfig(intermediate_size=128, num_hidden_layers=2, head_dim=16,
                                                    sliding_window=8, **ATTN),
+        # Multimodal: the text layers under language_model.*, a vision tower beside them.
+        "gemma3": lambda: tf.Gemma3Config(
+            text_config=tf.Gemma3TextConfig(intermediate_size=128, num_hidden_layers=2, head_dim=16,
+                                            sliding_window=8, **ATTN).to_dict(),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=32, patch_size=8),
+            mm_tokens_per_image=4, image_token_index=V - 1, boi_token_index=V - 2, eoi_token_index=V - 3),
         "cohere": lambda: tf.CohereConfig(intermediate_size=128, num_hidden_layers=2, logit_scale=0.25, **ATTN),
         "granite": lambda: tf.GraniteConfig(intermediate_size=128, num_hidden_layers=2, logits_scaling=4.0,
                                             embedding_multiplier=3.0, residual_multiplier=0.5,
@@ -78,7 +85,7 @@ def config(arch: str):
     return c
 
 
-ARCHS = ("llama", "qwen3", "gemma2", "gemma3_text", "cohere", "granite", "phi3", "gpt_neox", "gpt2", "bloom",
+ARCHS = ("llama", "qwen3", "gemma2", "gemma3_text", "gemma3", "cohere", "granite", "phi3", "gpt_neox", "gpt2", "bloom",
          "opt", "falcon", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "mamba", "mamba2",
          "jamba", "bamba", "falcon_h1", "zamba2")
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "jamba")
