@@ -105,11 +105,11 @@ def main(argv=None, prog: str = "python -m jobs.prune") -> int:
         # Bad options fail here, before Ray or any file; device defaults are resolved where the
         # work runs (a Ray driver on a CPU head must not pick CPU defaults for GPU stages).
         cfg = config_from_args(a).validate()
-        tasks = None
-        if a.tasks is not None:
+        tasks = None  # (names, lm-eval TaskManager)
+        if a.tasks:
             from pipeline import zeroshot
-            tasks = zeroshot.parse(a.tasks)
-            zeroshot.resolve(tasks)  # lm-eval installed, every task known: checked before any work
+            if zeroshot.parse(a.tasks):  # lm-eval there and every task known: checked before any work
+                tasks = zeroshot.resolve(zeroshot.parse(a.tasks))
         if distributed(a):
             from actors.driver import run_distributed
             report = run_distributed(cfg, quiet=a.quiet)

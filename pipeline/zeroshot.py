@@ -81,7 +81,8 @@ def _quiet(level=logging.WARNING):
             lg.setLevel(lv)
 
 
-def accuracies(folder: str | Path, names: list[str], tm, device: str, dtype: str, batch_size: int) -> dict:
+def accuracies(folder: str | Path, names: list[str], tm, device: str, dtype: str, batch_size: int,
+               quiet: bool = False) -> dict:
     """{task: {acc, acc_norm (where the task has it)}} of the model in `folder`, zero-shot."""
     import torch
     from lm_eval import simple_evaluate
@@ -91,7 +92,7 @@ def accuracies(folder: str | Path, names: list[str], tm, device: str, dtype: str
     dt = getattr(torch, str(dtype).removeprefix("torch."), torch.float32)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt).to(device).eval()
     tok = AutoTokenizer.from_pretrained(folder)
-    with _quiet():
+    with _quiet(logging.ERROR if quiet else logging.WARNING):
         lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
         res = simple_evaluate(model=lm, tasks=names, task_manager=tm, num_fewshot=0, bootstrap_iters=0,
                               log_samples=False)
@@ -116,11 +117,12 @@ def local_copy(out):
         yield d
 
 
-def add_to_report(report: dict, out, entries: list[str], batch_size: int = 4, progress=None) -> dict:
-    """Run the tasks on the dense model (report['model']) and on the pruned checkpoint in `out` (an
-    OutputDir), add `zero_shot` to the report and rewrite report.json. A report that already holds
-    these tasks is returned unchanged."""
-    names, tm = resolve(entries)
+def add_to_report(report: dict, out, resolved, batch_size: int = 4, progress=None) -> dict:
+    """Run the tasks (`resolve`'s answer) on the dense model (report['model']) and on the pruned
+    checkpoint in `out` (an OutputDir), add `zero_shot` to the report and rewrite report.json. A
+    report that already holds these tasks is returned unchanged."""
+    names, tm = resolved
+    quiet = progress is None
     have = report.get("zero_shot") or {}
     if have.get("tasks") == names:
         return report
@@ -129,11 +131,11 @@ def add_to_report(report: dict, out, entries: list[str], batch_size: int = 4, pr
     dev, dt = report.get("device", "cpu"), report.get("dtype", "float32")
     if progress:
         progress(f"lm-eval {', '.join(names)}: dense model")
-    dense = accuracies(report["model"], names, tm, dev, dt, batch_size)
+    dense = accuracies(report["model"], names, tm, dev, dt, batch_size, quiet)
     if progress:
         progress(f"lm-eval {', '.join(names)}: pruned model")
     with local_copy(out) as folder:
-        pruned = accuracies(folder, names, tm, dev, dt, batch_size)
+        pruned = accuracies(folder, names, tm, dev, dt, batch_size, quiet)
     report = dict(report, zero_shot={"tasks": names, "num_fewshot": 0, "harness": f"lm-eval {lm_eval.__version__}",
                                      "dense": dense, "pruned": pruned, "seconds": time.perf_counter() - t0})
     out.write_json("report.json", report)
