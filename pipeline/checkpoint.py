@@ -14,8 +14,10 @@ of 30 decoder layers:
 Every shard sits at the top level because serving engines look only there: vLLM's DefaultModelLoader
 (vllm/model_executor/model_loader/default_loader.py, `_prepare_weights`) globs `<folder>/*.safetensors`
 and then keeps only the files that model.safetensors.index.json names (weight_utils.py,
-`filter_duplicate_safetensors_files`); SGLang's loader (python/sglang/srt/model_loader/loader.py) copies
-that code. Shards in a subfolder were never globbed, so those engines saw only the non-layer shard.
+`filter_duplicate_safetensors_files`); SGLang's DefaultModelLoader (python/sglang/srt/model_loader/
+loader.py, `_prepare_weights`) does the same (read at vLLM 00b5ad07, SGLang 005cbe0e). Shards in a
+subfolder are not globbed and the index only filters (vLLM reads the files the index names only when
+the glob finds none; SGLang never), so with a subfolder those engines saw the non-layer shard alone.
 
 Every file is written to a temporary name and renamed (local), or put as one object (object
 stores, where a put is atomic), so a crash never leaves a half-written file under a final name.
@@ -23,6 +25,7 @@ stores, where a put is atomic), so a crash never leaves a half-written file unde
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import posixpath
 from pathlib import Path
@@ -55,10 +58,10 @@ def shard_name(index: int, n_layers: int) -> str:
     return f"model-{index + 1:05d}-of-{n_layers + 1:05d}.safetensors"
 
 
-def safetensors_header(data: bytes) -> tuple[int, dict]:
-    """(header length, header) of a safetensors blob: the 8-byte little-endian length, then JSON."""
-    n = int.from_bytes(data[:8], "little")
-    return n, json.loads(data[8:8 + n])
+def safetensors_header(read) -> dict:
+    """A safetensors header (tensor names, dtypes, shapes, byte ranges) from `read(n)` at the file's
+    start: an 8-byte little-endian length, then that many bytes of JSON."""
+    return json.loads(read(int.from_bytes(read(8), "little")))
 
 
 class OutputDir:
@@ -162,11 +165,9 @@ class OutputDir:
         return tensors, report
 
     def shard_header(self, rel: str) -> dict:
-        """A shard's safetensors header (tensor names, dtypes, shapes, byte ranges), read without
-        reading its tensors."""
+        """A shard's header, read without reading its tensors."""
         with self.fs.open_input_file(self.path(rel)) as f:
-            n = int.from_bytes(f.read(8), "little")
-            return json.loads(f.read(n))
+            return safetensors_header(f.read)
 
     def finalize(self, model_folder: Path, rest: dict[str, torch.Tensor], layer_names: dict[int, list[str]],
                  report: dict) -> None:
@@ -184,7 +185,7 @@ class OutputDir:
         self.write_bytes(rest_name, blob)
         weight_map, total = {}, 0
         headers = [(shard_name(i, n), self.shard_header(shard_name(i, n))) for i in range(n)]
-        headers.append((rest_name, safetensors_header(blob)[1]))
+        headers.append((rest_name, safetensors_header(io.BytesIO(blob).read)))
         for shard, header in headers:
             for name, info in header.items():
                 if name == "__metadata__":

@@ -51,6 +51,7 @@ def test_dataset_folder_kinds_and_default_splits(tmp_path):
         calib = data.load_documents(tmp_path / folder, "body", "calib")
         ev = data.load_documents(tmp_path / folder, "body", "eval")
         assert (calib.split, texts_of(calib)) == ("train", PARAS[:8])  # calibration: train
+        assert calib.texts() == texts_of(calib)
         assert (ev.split, texts_of(ev)) == ("test", PARAS[8:])          # evaluation: the whole test split
         assert texts_of(data.load_documents(f"{tmp_path / folder}:train", "body", "eval")) == PARAS[:8]
     assert texts_of(data.load_documents(tmp_path / "single", "body", "eval")) == PARAS[8:]
