@@ -1,4 +1,4 @@
-"""Prune a causal LM: `python -m jobs.prune --model PATH --out DIR [options]`.
+"""Prune a causal LM: `mwprune --model PATH --out DIR [options]` (or `python -m jobs.prune ...`).
 
 With no arguments it prunes the built-in SmolLM2-135M with Austen text into ./out/. One process by
 default; with --stages K, --mode or --address it runs as Ray stage actors (actors/driver.py).
@@ -25,8 +25,8 @@ def _nm(text: str) -> tuple[int, int]:
     return n, m
 
 
-def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m jobs.prune", description=__doc__.splitlines()[0])
+def parser(prog: str = "python -m jobs.prune") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--model", help="HF folder (safetensors) or .gguf file; default: built-in SmolLM2-135M")
     p.add_argument("--out", help="output folder or URI (s3://, gs://...); default: out/<model>-<method>-<pattern>")
     p.add_argument("--method", default="multiweight", help="multiweight | sparsegpt | wanda | magnitude")
@@ -36,12 +36,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--refit", default="none", help="none | cg | exact: least-squares refit of the kept weights")
     p.add_argument("--group-size", type=int, default=None, help="multiweight: columns solved jointly")
     p.add_argument("--mask-rule", default=None, help="multiweight N:M: saliency | exact")
-    p.add_argument("--calib", help="calibration text: .txt, .jsonl/.json (field text) or .parquet; default: Pride and Prejudice")
+    p.add_argument("--calib", help="calibration data: a .txt, .jsonl/.json/.parquet/.arrow file, a datasets folder "
+                   "(save_to_disk or data files; FOLDER:SPLIT), or a hub id NAME[:CONFIG][:SPLIT]; "
+                   "default: Pride and Prejudice")
     p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128 on GPU, 16 on CPU)")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 2048 on GPU, 512 on CPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval", help="evaluation text (same formats); default: Emma")
-    p.add_argument("--eval-windows", type=int, default=8, help="non-overlapping evaluation windows; 0 skips evaluation")
+    p.add_argument("--eval", help="evaluation data (same kinds; the whole split is read); default: Emma")
+    p.add_argument("--text-field", default="text", help="the text column of .jsonl/.parquet files and datasets")
+    p.add_argument("--eval-protocol", default="windows",
+                   help="windows (each window starts with a fixed token) | papers (SparseGPT/Wanda WikiText-2 perplexity)")
+    p.add_argument("--eval-windows", type=int, default=None,
+                   help="non-overlapping evaluation windows (default 8; papers: the whole split); 0 skips evaluation")
+    p.add_argument("--tasks", default=None,
+                   help="lm-eval zero-shot tasks, comma-separated (arc_easy,piqa or task YAML files); "
+                   "needs pip install -e .[eval]")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward batch")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, the checkpoint's on CUDA) | float32 | bfloat16 | float16")
@@ -68,7 +77,8 @@ def config_from_args(a):
     out = a.out or os.path.join("out", f"{model_name}-{a.method}-{pattern}")
     return RunConfig(out=out, model=a.model, method=a.method, sparsity=sparsity, nm=a.nm,
                      refit=None if a.refit == "none" else a.refit, calib=a.calib, nsamples=a.nsamples,
-                     seqlen=a.seqlen, seed=a.seed, eval=a.eval, eval_windows=a.eval_windows, device=a.device,
+                     seqlen=a.seqlen, seed=a.seed, eval=a.eval, eval_windows=a.eval_windows,
+                     eval_protocol=a.eval_protocol, text_field=a.text_field, device=a.device,
                      dtype=a.dtype, batch_size=a.batch_size, mode=a.mode, stages=a.stages, address=a.address,
                      overwrite=a.overwrite, solver_options=opts)
 
@@ -81,25 +91,35 @@ def distributed(a) -> bool:
 def summary(report: dict) -> str:
     ppl = report.get("perplexity") or {}
     ppl_txt = f"perplexity dense {ppl['dense']:.2f} -> pruned {ppl['pruned']:.2f}  " if ppl else ""
-    return (f"{report['method']} {report['pattern']}: {ppl_txt}sparsity {report['sparsity']['overall']:.4f}  "
-            f"{report['seconds']:.1f}s")
+    from pipeline import zeroshot
+    return "\n".join([f"{report['method']} {report['pattern']}: {ppl_txt}sparsity {report['sparsity']['overall']:.4f}  "
+                      f"{report['seconds']:.1f}s", *zeroshot.summary(report)])
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python -m jobs.prune") -> int:
     try:
-        a = parser().parse_args(argv)
+        a = parser(prog).parse_args(argv)
     except SystemExit as e:  # --help, or a one-line usage error
         return e.code if isinstance(e.code, int) else 2
     try:
         # Bad options fail here, before Ray or any file; device defaults are resolved where the
         # work runs (a Ray driver on a CPU head must not pick CPU defaults for GPU stages).
         cfg = config_from_args(a).validate()
+        tasks = None  # (names, lm-eval TaskManager)
+        if a.tasks:
+            from pipeline import zeroshot
+            if zeroshot.parse(a.tasks):  # lm-eval there and every task known: checked before any work
+                tasks = zeroshot.resolve(zeroshot.parse(a.tasks))
         if distributed(a):
             from actors.driver import run_distributed
             report = run_distributed(cfg, quiet=a.quiet)
         else:
             from pipeline.run import run
             report = run(cfg, quiet=a.quiet)
+        if tasks:
+            from pipeline.checkpoint import OutputDir
+            note = None if a.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+            report = zeroshot.add_to_report(report, OutputDir(cfg.out), tasks, cfg.batch_size, note)
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -112,6 +132,11 @@ def main(argv=None) -> int:
     print(summary(report))
     print(f"wrote {cfg.out}")
     return 0
+
+
+def cli() -> None:
+    """The `mwprune` console command (pyproject [project.scripts])."""
+    sys.exit(main(prog="mwprune"))
 
 
 if __name__ == "__main__":

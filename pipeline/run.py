@@ -36,12 +36,14 @@ class RunConfig:
     sparsity: float | None = 0.5
     nm: tuple[int, int] | None = None
     refit: str | None = None
-    calib: str | None = None          # None = Pride and Prejudice
+    calib: str | None = None          # file, dataset folder[:SPLIT] or hub NAME[:CONFIG][:SPLIT]; None = Pride and Prejudice
     nsamples: int | None = None       # None = 128 on CUDA, 16 on CPU
     seqlen: int | None = None         # None = 2048 on CUDA, 512 on CPU
     seed: int = 0
-    eval: str | None = None           # None = Emma
-    eval_windows: int = 8
+    eval: str | None = None           # same kinds as calib; None = Emma
+    eval_windows: int | None = None   # None = 8 (windows protocol) or the whole split (papers); 0 = no evaluation
+    eval_protocol: str = "windows"    # windows | papers (SparseGPT/Wanda WikiText-2 perplexity)
+    text_field: str = "text"          # the text column of record and dataset sources
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int = 4
@@ -70,6 +72,10 @@ class RunConfig:
             raise ConfigError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose auto, float32, bfloat16 or float16")
+        if self.eval_protocol not in data.EVAL_PROTOCOLS:
+            raise ConfigError(f"unknown eval protocol {self.eval_protocol!r}; choose {' or '.join(data.EVAL_PROTOCOLS)}")
+        if self.eval_windows is not None and self.eval_windows < 0:
+            raise ConfigError(f"--eval-windows must be >= 0, got {self.eval_windows}")
         return self
 
     def resolve(self) -> "RunConfig":
@@ -88,8 +94,8 @@ class RunConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.seqlen < 2:
             raise ConfigError(f"--seqlen must be at least 2, got {self.seqlen}")
-        if self.eval_windows < 0:
-            raise ConfigError(f"--eval-windows must be >= 0, got {self.eval_windows}")
+        if self.eval_windows is None and self.eval_protocol == "windows":
+            self.eval_windows = 8
         return self
 
 
@@ -128,7 +134,7 @@ class Prepared:
     files: loading.ModelFiles
     spec: PruneSpec
     calib: torch.Tensor          # nsamples x seqlen token ids
-    evalw: torch.Tensor | None   # eval_windows x seqlen token ids
+    evalw: torch.Tensor | None   # evaluation windows x seqlen token ids
     calib_protocol: dict
     eval_protocol: dict | None
     dtype: torch.dtype
@@ -149,16 +155,27 @@ def prepare(cfg: RunConfig) -> Prepared:
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"no usable tokenizer in {folder}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     first, first_tok = data.first_token_id(tok)
-    calib_path = Path(cfg.calib) if cfg.calib else assets.austen(assets.DEFAULT_CALIB)
-    calib = data.calibration_windows(data.tokenize(tok, data.read_text(calib_path)), cfg.nsamples,
-                                     cfg.seqlen, cfg.seed, first)
-    calib_protocol = data.protocol(calib_path, cfg.nsamples, cfg.seqlen, first_tok, f"random offsets, seed {cfg.seed}")
+    docs = data.load_documents(cfg.calib or assets.austen(assets.DEFAULT_CALIB), cfg.text_field, "calib")
+    calib = data.document_windows(docs, tok, cfg.nsamples, cfg.seqlen, cfg.seed, first)
+    how = (f"random offsets, seed {cfg.seed}" if len(docs) == 1 else
+           f"C4 style: a random document of at least {cfg.seqlen} tokens, a random offset in it, seed {cfg.seed}")
+    calib_protocol = {**data.protocol(docs.source, cfg.nsamples, cfg.seqlen, first_tok, how), **docs.describe()}
     evalw, eval_protocol = None, None
-    if cfg.eval_windows:
-        eval_path = Path(cfg.eval) if cfg.eval else assets.austen(assets.DEFAULT_EVAL)
-        evalw = data.eval_windows(data.tokenize(tok, data.read_text(eval_path)), cfg.eval_windows, cfg.seqlen, first)
-        eval_protocol = data.protocol(eval_path, cfg.eval_windows, cfg.seqlen, first_tok,
-                                      "first non-overlapping windows from the start of the text")
+    if cfg.eval_windows != 0:
+        docs = data.load_documents(cfg.eval or assets.austen(assets.DEFAULT_EVAL), cfg.text_field, "eval")
+        text = data.joined_text(docs)
+        if cfg.eval_protocol == "windows":
+            evalw = data.eval_windows(data.tokenize(tok, text), cfg.eval_windows, cfg.seqlen, first)
+            eval_protocol = data.protocol(docs.source, len(evalw), cfg.seqlen, first_tok,
+                                          "first non-overlapping windows from the start of the text")
+        else:
+            evalw = data.papers_windows(tok, text, cfg.seqlen, cfg.eval_windows)
+            eval_protocol = data.protocol(docs.source, len(evalw), cfg.seqlen, None,
+                                          "the split's texts joined with \\n\\n, tokenized once with the "
+                                          "tokenizer's special tokens, cut into non-overlapping windows; "
+                                          "each window's first token is not scored (SparseGPT, Wanda)")
+        eval_protocol = {"protocol": cfg.eval_protocol, **eval_protocol, **docs.describe(),
+                         "tokens_scored": len(evalw) * (cfg.seqlen - 1)}
     spec = PruneSpec(cfg.method, cfg.sparsity, tuple(cfg.nm) if cfg.nm else None, cfg.refit, dict(cfg.solver_options))
     return Prepared(cfg, files, spec, calib, evalw, calib_protocol, eval_protocol, run_dtype(cfg, files))
 
@@ -167,11 +184,14 @@ def fingerprint(p: Prepared, partition: list[list[int]] | None = None) -> dict:
     """Everything that determines the pruned weights (not the evaluation, not the device count)."""
     c = p.cfg
     return {"model": p.files.fingerprint_parts(), "method": c.method, "pattern": p.spec.pattern(),
-            "refit": c.refit, "solver_options": c.solver_options, "calib": data.file_digest(p.calib_protocol["file"]),
+            "refit": c.refit, "solver_options": c.solver_options, "calib": data.windows_digest(p.calib),
             "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed, "mode": c.mode,
             "dtype": str(p.dtype), "batch_size": c.batch_size,
             # stagewise results depend on where the stage boundaries are
-            "partition": partition if c.mode == "stagewise" else None}
+            "partition": partition if c.mode == "stagewise" else None,
+            # the output layout: shard names carry the layer count (checkpoint.shard_name); an
+            # output of the older layout (shards under layers/) is a different run, never resumed into
+            "layout": "top-level shards", "n_layers": sum(map(len, partition)) if partition else None}
 
 
 def perplexity(nll: float, count: int) -> float:

@@ -179,8 +179,8 @@ def test_killed_driver_resumes_to_the_same_result(tmp_path, short_texts, real_mo
     # Exact equality: a resumed layer is read back bit for bit and the same deterministic float32
     # kernels (same thread count) rebuild the activations, so nothing may differ at all.
     from safetensors.torch import load_file
-    for f in sorted((tmp_path / "ref" / "layers").glob("*.safetensors")):
-        a, b = load_file(f), load_file(tmp_path / "killed" / "layers" / f.name)
+    for f in sorted((tmp_path / "ref").glob("*.safetensors")):
+        a, b = load_file(f), load_file(tmp_path / "killed" / f.name)
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), k

@@ -68,7 +68,7 @@ def prune(argv: list[str]) -> int:
 def tensors(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     got = {}
-    for f in sorted((out / "layers").glob("*.safetensors")) + [out / "rest.safetensors"]:
+    for f in sorted(out.glob("*.safetensors")):  # every shard is at the top level
         got.update(load_file(f))
     return got
 
@@ -291,7 +291,9 @@ def test_stages_resume_from_committed_layers(ray_local, tmp_path, tiny_runs, tin
     whole = tiny_runs("sequential", 3)
     out = tmp_path / "out"
     shutil.copytree(whole, out)
-    for f in ("config.json", "report.json", "rest.safetensors", "model.safetensors.index.json", "timeline.png"):
+    # 3 layers: shards 1-3 are the layers, shard 4 everything else (written by finalize)
+    for f in ("config.json", "report.json", "model-00004-of-00004.safetensors", "model.safetensors.index.json",
+              "timeline.png"):
         (out / f).unlink()
     (out / ".mwprune" / "layers" / "00002.json").unlink()  # layer 2 never committed
     assert prune(tiny_argv(tiny_model("llama"), short_texts, out, "--mode", "sequential", "--method", "multiweight",

@@ -1,0 +1,151 @@
+"""Zero-shot accuracy with lm-evaluation-harness (`--tasks`), on the dense and the pruned checkpoint.
+
+Optional: `pip install -e .[eval]`. Tasks are lm-eval's registered names (arc_easy, piqa, ...) or
+paths to task YAML files (their `task:` name is used), so a local task needs no hub. Both models are
+loaded with `from_pretrained` (the pruned one from the finished output folder) and handed to lm-eval
+as model objects; evaluation runs after the checkpoint is complete, and its results are added to
+report.json, so an interrupted evaluation is simply run again by the same command.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+METRICS = ("acc", "acc_norm")
+
+
+class TasksError(ValueError):
+    pass
+
+
+def parse(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _harness():
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise TasksError("--tasks needs lm-evaluation-harness: pip install -e .[eval]") from None
+    return lm_eval, TaskManager
+
+
+def _task_name(path: Path) -> str:
+    import yaml
+    try:
+        name = (yaml.safe_load(path.read_text()) or {}).get("task")
+    except Exception as e:  # noqa: BLE001 - a bad YAML is one bad-input message
+        raise TasksError(f"unreadable task file {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(name, str):
+        raise TasksError(f"task file {path} has no 'task:' name")
+    return name
+
+
+def resolve(entries: list[str]):
+    """(task names, TaskManager) for `--tasks` entries; unknown names and bad files fail here, before
+    any pruning. Built-in tasks are indexed only when a registered name is asked for (it takes seconds)."""
+    _, TaskManager = _harness()
+    names, include = [], []
+    for e in entries:
+        p = Path(e).expanduser()
+        if p.suffix in (".yaml", ".yml"):
+            if not p.is_file():
+                raise TasksError(f"task file not found: {e}")
+            names.append(_task_name(p))
+            include.append(str(p.parent.absolute()))
+        else:
+            names.append(e)
+    builtin = len(include) < len(names)
+    with _quiet():
+        tm = TaskManager(include_path=sorted(set(include)) or None, include_defaults=builtin)
+    unknown = [n for n in names if n not in tm.all_tasks]
+    if unknown:
+        raise TasksError(f"unknown lm-eval task {', '.join(unknown)} (a registered name, or a task YAML file)")
+    return names, tm
+
+
+@contextlib.contextmanager
+def _quiet(level=logging.WARNING):
+    loggers = [logging.getLogger(n) for n in ("lm-eval", "lm_eval")]
+    old = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(level, lg.level))
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, old):
+            lg.setLevel(lv)
+
+
+def accuracies(folder: str | Path, names: list[str], tm, device: str, dtype: str, batch_size: int,
+               quiet: bool = False) -> dict:
+    """{task: {acc, acc_norm (where the task has it)}} of the model in `folder`, zero-shot."""
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dt = getattr(torch, str(dtype).removeprefix("torch."), torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    with _quiet(logging.ERROR if quiet else logging.WARNING):
+        lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
+        res = simple_evaluate(model=lm, tasks=names, task_manager=tm, num_fewshot=0, bootstrap_iters=0,
+                              log_samples=False)
+    out = {}
+    for n in names:
+        r = res["results"][n]
+        out[n] = {m: float(r[f"{m},none"]) for m in METRICS if f"{m},none" in r}
+    return out
+
+
+@contextlib.contextmanager
+def local_copy(out):
+    """A local folder holding the output's top-level files (the checkpoint): the folder itself when
+    local, else a temporary copy (from_pretrained reads local files)."""
+    if out.local:
+        yield out.root
+        return
+    with tempfile.TemporaryDirectory() as d:
+        for name in out.listdir(""):
+            if not name.startswith(".") and name != "report.json":
+                (Path(d) / name).write_bytes(out.read_bytes(name))
+        yield d
+
+
+def add_to_report(report: dict, out, resolved, batch_size: int = 4, progress=None) -> dict:
+    """Run the tasks (`resolve`'s answer) on the dense model (report['model']) and on the pruned
+    checkpoint in `out` (an OutputDir), add `zero_shot` to the report and rewrite report.json. A
+    report that already holds these tasks is returned unchanged."""
+    names, tm = resolved
+    quiet = progress is None
+    have = report.get("zero_shot") or {}
+    if have.get("tasks") == names:
+        return report
+    import lm_eval
+    t0 = time.perf_counter()
+    dev, dt = report.get("device", "cpu"), report.get("dtype", "float32")
+    if progress:
+        progress(f"lm-eval {', '.join(names)}: dense model")
+    dense = accuracies(report["model"], names, tm, dev, dt, batch_size, quiet)
+    if progress:
+        progress(f"lm-eval {', '.join(names)}: pruned model")
+    with local_copy(out) as folder:
+        pruned = accuracies(folder, names, tm, dev, dt, batch_size, quiet)
+    report = dict(report, zero_shot={"tasks": names, "num_fewshot": 0, "harness": f"lm-eval {lm_eval.__version__}",
+                                     "dense": dense, "pruned": pruned, "seconds": time.perf_counter() - t0})
+    out.write_json("report.json", report)
+    return report
+
+
+def summary(report: dict) -> list[str]:
+    z = report.get("zero_shot") or {}
+    lines = []
+    for n in z.get("tasks", []):
+        d, p = z["dense"][n], z["pruned"][n]
+        lines.append(f"{n}: " + "  ".join(f"{m} {d[m]:.4f} -> {p[m]:.4f}" for m in METRICS if m in d))
+    return lines
