@@ -459,9 +459,10 @@ def timeline_png(facts: list[dict], title: str) -> bytes | None:
     ax.set_title(title)
     from matplotlib.patches import Patch
     used = sorted({e[0] for f in facts for e in f["events"]}, key=list(colors).index)
-    ax.legend(handles=[Patch(color=colors[n], label=n) for n in used if n in colors], ncol=len(used),
-              loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(facts) > 2 else -0.4), fontsize=8)
-    fig.tight_layout()
+    # The legend gets its own strip under the axis label (inside the axes' box it hid the label).
+    fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1))
+    fig.legend(handles=[Patch(color=colors[n], label=n) for n in used if n in colors], ncol=len(used),
+               loc="lower center", fontsize=8, frameon=False)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)

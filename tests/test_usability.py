@@ -249,3 +249,14 @@ def test_summary_names_refit_and_options():
     line = summary(rep)
     assert "multiweight 2:4 + refit cg (group 32), dense on 2 stages:" in line, line
     assert "refit" not in summary(dict(rep, refit=None))
+
+
+def test_local_ray_is_announced_only_when_started_here(monkeypatch):
+    from jobs.prune import local_ray
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    parse = parser().parse_args
+    assert local_ray(parse(["--mode", "dense"])) and local_ray(parse(["--stages", "2"]))
+    assert not local_ray(parse([])) and not local_ray(parse(["--stages", "1"]))
+    assert not local_ray(parse(["--mode", "dense", "--address", "ray://head:10001"]))
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert not local_ray(parse(["--mode", "dense"]))
