@@ -105,8 +105,8 @@ class OutputDir:
         entries = self.listdir("")
         if not entries or self.exists(f"{STATE}/fingerprint.json"):
             return
-        if entries == [STATE] and set(self.listdir(STATE)) <= {"lock", "lock.tmp"}:
-            return  # a run that died between taking the lock and writing its fingerprint
+        if entries == [STATE] and set(self.listdir(STATE)) <= {"lock", "lock.tmp", "fingerprint.json.tmp"}:
+            return  # a run between taking the lock and writing its fingerprint (or that died there)
         raise OutputError(f"--out {self.uri} is not empty and is not a run of this tool; refusing to write there")
 
     def begin(self, fingerprint: dict, overwrite: bool = False) -> str:
