@@ -32,13 +32,16 @@ def args_for(model, texts, out, *extra):
 
 
 def eight_layer_model(tmp: Path, real_model_dir: Path) -> Path:
-    """Wide enough that the run takes seconds: time to catch it while it holds --out."""
+    """The tiny llama with 8 layers: after it takes --out it still has 8 layers to go, ample time
+    to catch it holding the lock, and resuming it is quick."""
     import shutil
 
     import transformers as tf
+    from conftest import tiny_config
+
     torch.manual_seed(1)
-    cfg = tf.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256, tie_word_embeddings=True)
+    cfg = tiny_config("llama")
+    cfg.num_hidden_layers = 8
     d = tmp / "eight"
     tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
     for f in real_model_dir.iterdir():
