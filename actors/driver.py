@@ -37,8 +37,8 @@ from pathlib import Path
 from pipeline import data, loading
 from pipeline.calibrate import Trunk
 from pipeline.checkpoint import OutputDir
-from pipeline.run import (ConfigError, Progress, RunConfig, finish, fingerprint, model_folder, perplexity,
-                          prepare, run_dtype)
+from pipeline.run import (ConfigError, Progress, RunConfig, completed_report, finish, fingerprint, model_folder,
+                          perplexity, prepare, run_dtype)
 
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -284,6 +284,7 @@ class Driver:
             raise ConfigError(f"--stages {cfg.stages} is more than the model's {n_layers} decoder layers")
 
         own = connect(cfg, self.quiet)
+        out = None
         try:
             # 2. Placement: fail before anything is written if the cluster cannot hold the stages.
             plan = plan_placement(cfg, n_layers)
@@ -316,7 +317,7 @@ class Driver:
             self.progress = Progress(n_layers, self.quiet)
             if status == "complete":
                 self.progress.note(f"{cfg.out} already holds this run, complete; nothing to do")
-                return json.loads(out.read_bytes("report.json"))
+                return completed_report(out)
             if status == "resume":
                 self.progress.note(f"resuming in {cfg.out}: {len(out.committed())} of {n_layers} layers already done")
             out_uri = out.root if out.local else cfg.out
@@ -344,6 +345,8 @@ class Driver:
                 extra["pipeline"]["timeline"] = "timeline.png"
             return finish(p, out, skeleton, reports, ppl, wall, extra)
         finally:
+            if out is not None:
+                out.release()  # the lock begin() took on --out
             for a in self.stages:
                 ray.kill(a)
             if self.sink is not None:
@@ -456,9 +459,10 @@ def timeline_png(facts: list[dict], title: str) -> bytes | None:
     ax.set_title(title)
     from matplotlib.patches import Patch
     used = sorted({e[0] for f in facts for e in f["events"]}, key=list(colors).index)
-    ax.legend(handles=[Patch(color=colors[n], label=n) for n in used if n in colors], ncol=len(used),
-              loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(facts) > 2 else -0.4), fontsize=8)
-    fig.tight_layout()
+    # The legend gets its own strip under the axis label (inside the axes' box it hid the label).
+    fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1))
+    fig.legend(handles=[Patch(color=colors[n], label=n) for n in used if n in colors], ncol=len(used),
+               loc="lower center", fontsize=8, frameon=False)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)

@@ -7,6 +7,8 @@ Bad input ends with a one-line error and exit status 2; nothing is written.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 
@@ -15,6 +17,16 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + message
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default, except where there is none or the help text already says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _nm(text: str) -> tuple[int, int]:
@@ -26,22 +38,23 @@ def _nm(text: str) -> tuple[int, int]:
 
 
 def parser(prog: str = "python -m jobs.prune") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description=__doc__.splitlines()[0])
+    p = _Parser(prog=prog, description=__doc__.splitlines()[0], formatter_class=_Help)
     p.add_argument("--model", help="HF folder (safetensors) or .gguf file; default: built-in SmolLM2-135M")
-    p.add_argument("--out", help="output folder or URI (s3://, gs://...); default: out/<model>-<method>-<pattern>")
+    p.add_argument("--out", help="output folder or URI (s3://, gs://...); default: out/<model>-<method>-<pattern>, "
+                   "then every other option that changes the result (see README)")
     p.add_argument("--method", default="multiweight", help="multiweight | sparsegpt | wanda | magnitude")
     pat = p.add_mutually_exclusive_group()
     pat.add_argument("--sparsity", type=float, default=None, help="unstructured sparsity in (0, 1); default 0.5")
     pat.add_argument("--nm", type=_nm, default=None, help="N:M semi-structured pattern, e.g. 2:4 or 4:8")
     p.add_argument("--refit", default="none", help="none | cg | exact: least-squares refit of the kept weights")
-    p.add_argument("--group-size", type=int, default=None, help="multiweight: columns solved jointly")
-    p.add_argument("--mask-rule", default=None, help="multiweight N:M: saliency | exact")
+    p.add_argument("--group-size", type=int, default=None, help="multiweight: columns solved jointly (default 128)")
+    p.add_argument("--mask-rule", default=None, help="multiweight N:M: saliency | exact (default exact)")
     p.add_argument("--calib", help="calibration data: a .txt, .jsonl/.json/.parquet/.arrow file, a datasets folder "
                    "(save_to_disk or data files; FOLDER:SPLIT), or a hub id NAME[:CONFIG][:SPLIT]; "
                    "default: Pride and Prejudice")
     p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128 on GPU, 16 on CPU)")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 2048 on GPU, 512 on CPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="calibration windows' random draws")
     p.add_argument("--eval", help="evaluation data (same kinds; the whole split is read); default: Emma")
     p.add_argument("--text-field", default="text", help="the text column of .jsonl/.parquet files and datasets")
     p.add_argument("--eval-protocol", default="windows",
@@ -56,11 +69,50 @@ def parser(prog: str = "python -m jobs.prune") -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, the checkpoint's on CUDA) | float32 | bfloat16 | float16")
     p.add_argument("--stages", type=int, default=None, help="Ray stage actors (default: GPUs in the cluster, or 1)")
     p.add_argument("--mode", default="sequential", help="sequential | stagewise | dense calibration")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else single process)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS; without either, "
+                   "--stages > 1 or --mode starts a local Ray cluster)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run of this tool in --out")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
+
+
+# Every part of the fingerprint (pipeline.run.fingerprint) and the options that set it: the default
+# --out name carries all of them, so two runs that differ in the result never share a default folder.
+NAME_PARTS = {"model": ("model",), "method": ("method",), "pattern": ("sparsity", "nm"), "refit": ("refit",),
+              "solver_options": ("group_size", "mask_rule"), "mode": ("mode",), "partition": ("stages",),
+              "calib": ("calib", "text_field"), "nsamples": ("nsamples", "device"), "seqlen": ("seqlen", "device"),
+              "seed": ("seed",), "dtype": ("dtype", "device"), "batch_size": ("batch_size",),
+              # the output layout is this version's, and the layer count is the model's
+              "layout": (), "n_layers": ("model",)}
+
+
+def default_out(a) -> str:
+    """out/<model>-<method>-<pattern>, then readable tags for refit, group size, mask rule and mode
+    (with the stage count in stagewise mode, where the stage boundaries change the result), then a
+    short digest of any other result-changing option not left at its default."""
+    model_name = os.path.basename(os.path.normpath(a.model)) if a.model else "smollm2-135m"
+    pattern = f"{a.nm[0]}of{a.nm[1]}" if a.nm else f"{a.sparsity if a.sparsity is not None else 0.5:g}"
+    name = [model_name, a.method, pattern]
+    if a.refit != "none":
+        name.append(f"refit-{a.refit}")
+    if a.group_size is not None:
+        name.append(f"group{a.group_size}")
+    if a.mask_rule is not None:
+        name.append(f"mask-{a.mask_rule}")
+    if a.mode != "sequential":
+        name.append(a.mode)
+        if a.mode == "stagewise":
+            name.append(f"{a.stages}stages" if a.stages else "stages-auto")
+    defaults = parser().parse_args([])
+    rest = {k: getattr(a, k) for k in ("calib", "text_field", "nsamples", "seqlen", "seed", "dtype", "batch_size",
+                                       "device")
+            if getattr(a, k) != getattr(defaults, k)}
+    if rest.get("calib"):
+        rest["calib"] = os.path.abspath(rest["calib"])
+    if rest:
+        name.append(hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:8])
+    return os.path.join("out", "-".join(name))
 
 
 def config_from_args(a):
@@ -72,9 +124,7 @@ def config_from_args(a):
     if a.mask_rule is not None:
         opts["mask_rule"] = a.mask_rule
     sparsity = a.sparsity if a.sparsity is not None or a.nm is not None else 0.5
-    pattern = f"{a.nm[0]}of{a.nm[1]}" if a.nm else f"{sparsity:g}"
-    model_name = os.path.basename(os.path.normpath(a.model)) if a.model else "smollm2-135m"
-    out = a.out or os.path.join("out", f"{model_name}-{a.method}-{pattern}")
+    out = a.out or default_out(a)
     return RunConfig(out=out, model=a.model, method=a.method, sparsity=sparsity, nm=a.nm,
                      refit=None if a.refit == "none" else a.refit, calib=a.calib, nsamples=a.nsamples,
                      seqlen=a.seqlen, seed=a.seed, eval=a.eval, eval_windows=a.eval_windows,
@@ -91,9 +141,21 @@ def distributed(a) -> bool:
 def summary(report: dict) -> str:
     ppl = report.get("perplexity") or {}
     ppl_txt = f"perplexity dense {ppl['dense']:.2f} -> pruned {ppl['pruned']:.2f}  " if ppl else ""
+    what = f"{report['method']} {report['pattern']}"
+    if report.get("refit"):
+        what += f" + refit {report['refit']}"
+    if report.get("solver_options"):
+        what += " (" + ", ".join(f"{k} {v}" for k, v in sorted(report["solver_options"].items())) + ")"
+    if report.get("stages", 1) > 1 or report.get("mode", "sequential") != "sequential":
+        what += f", {report.get('mode')} on {report.get('stages')} stage{'s' if report.get('stages') != 1 else ''}"
     from pipeline import zeroshot
-    return "\n".join([f"{report['method']} {report['pattern']}: {ppl_txt}sparsity {report['sparsity']['overall']:.4f}  "
-                      f"{report['seconds']:.1f}s", *zeroshot.summary(report)])
+    return "\n".join([f"{what}: {ppl_txt}sparsity {report['sparsity']['overall']:.4f}  {report['seconds']:.1f}s",
+                      *zeroshot.summary(report)])
+
+
+def local_ray(a) -> bool:
+    """Does this command start its own Ray cluster on this machine (no --address, no RAY_ADDRESS)?"""
+    return distributed(a) and not a.address and not os.environ.get("RAY_ADDRESS")
 
 
 def main(argv=None, prog: str = "python -m jobs.prune") -> int:
@@ -112,6 +174,15 @@ def main(argv=None, prog: str = "python -m jobs.prune") -> int:
                 tasks = zeroshot.resolve(zeroshot.parse(a.tasks))
         if distributed(a):
             from actors.driver import run_distributed
+            if local_ray(a):
+                # Ray 2.60 turns token authentication on and warns about it on every local start; a
+                # cluster that lives only as long as this job has no one else to keep out.
+                # RAY_AUTH_MODE=token in the environment keeps it on.
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+                if not a.quiet:
+                    print(f"no --address or RAY_ADDRESS: starting a local Ray cluster on this machine for "
+                          f"{'--stages ' + str(a.stages) if a.stages and a.stages > 1 else '--mode ' + a.mode} "
+                          f"(token authentication: {os.environ['RAY_AUTH_MODE']})", file=sys.stderr, flush=True)
             report = run_distributed(cfg, quiet=a.quiet)
         else:
             from pipeline.run import run
@@ -130,7 +201,10 @@ def main(argv=None, prog: str = "python -m jobs.prune") -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
     print(summary(report))
-    print(f"wrote {cfg.out}")
+    if report.get("already_complete"):
+        print(f"{cfg.out} already held this run, complete: nothing was done, nothing written")
+    else:
+        print(f"wrote {cfg.out}")
     return 0
 
 

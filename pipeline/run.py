@@ -281,37 +281,70 @@ def check_pattern(trunk: Trunk, spec: PruneSpec) -> None:
                                   f"layer {i} {name} has {mod.in_features}")
 
 
+def completed_report(out: OutputDir) -> dict:
+    """The report of a run that was already complete, marked so the caller can say nothing was done
+    (the mark is not written anywhere)."""
+    return dict(json.loads(out.read_bytes("report.json")), already_complete=True)
+
+
+def _nll(trunk: Trunk, hidden: list, ids: list, what: str, progress: Progress) -> tuple[float, int]:
+    """Trunk.nll batch by batch, with a progress note per batch: the head over the vocabulary is the
+    slow part of the evaluation."""
+    total, count, done, t0 = 0.0, 0, 0, time.perf_counter()
+    for h, i in zip(hidden, ids):
+        t, c = trunk.nll([h], [i])
+        total, count, done = total + t, count + c, done + i.shape[0]
+        progress.note(f"  perplexity ({what}): {done}/{sum(x.shape[0] for x in ids)} windows, "
+                      f"{time.perf_counter() - t0:.1f}s")
+    return total, count
+
+
 def run(cfg: RunConfig, quiet: bool = False) -> dict:
-    """The single-process job. Returns the report (also written to `cfg.out`/report.json)."""
+    """The single-process job. Returns the report (also written to `cfg.out`/report.json); a report
+    with `already_complete` set when `cfg.out` held this run, finished, and nothing was done."""
     t0 = time.perf_counter()
+    say = Progress(0, quiet).note
+    say(f"reading the model's config and tokenizer, tokenizing the texts ({cfg.model or 'built-in SmolLM2-135M'})")
     p = prepare(cfg)
+    cal = p.calib_protocol
+    say(f"calibration: {cfg.nsamples} x {cfg.seqlen} tokens of {Path(str(cal['file'])).name}; evaluation: "
+        + (f"{cfg.eval_windows} x {cfg.seqlen} tokens of {Path(str(p.eval_protocol['file'])).name}" if p.evalw is not None
+           else "none") + f"; {cfg.device}, {str(p.dtype).removeprefix('torch.')} ({time.perf_counter() - t0:.1f}s)")
     out = OutputDir(cfg.out)
     trunk = Trunk(p.files, cfg.device, p.dtype)
     check_pattern(trunk, p.spec)
     status = out.begin(fingerprint(p, [list(range(trunk.n_layers))]), cfg.overwrite)
-    progress = Progress(trunk.n_layers, quiet)
-    if status == "complete":
-        progress.note(f"{cfg.out} already holds this run, complete; nothing to do")
-        return json.loads(out.read_bytes("report.json"))
-    if status == "resume":
-        progress.note(f"resuming in {cfg.out}: {len(out.committed())} of {trunk.n_layers} layers already done")
-    calib_hidden, calls = trunk.embed(data.batches(p.calib, cfg.batch_size))
-    hessians_from = "calib_dense" if cfg.mode == "dense" else "calib"
-    runner = SliceRunner(trunk, list(range(trunk.n_layers)), p.spec, calls, hessians_from, out, progress)
-    for b in calib_hidden:
-        runner.push(hessians_from, b)
-    if p.evalw is not None:
-        eval_ids = data.batches(p.evalw, cfg.batch_size)
-        eval_hidden, eval_calls = trunk.embed(eval_ids)
-        for key, c in eval_calls.items():
-            runner.calls.setdefault(key, c)
-        for b in eval_hidden:
-            runner.push("eval_dense", b)
-            runner.push("eval_pruned", b)
-    reports = runner.run()
-    ppl = None
-    if p.evalw is not None:
-        ppl = {"dense": perplexity(*trunk.nll(runner.streams["eval_dense"], eval_ids)),
-               "pruned": perplexity(*trunk.nll(runner.streams["eval_pruned"], eval_ids))}
-    return finish(p, out, trunk, reports, ppl, time.perf_counter() - t0,
-                  {"stages": 1, "layers_solved": runner.solved})
+    try:
+        progress = Progress(trunk.n_layers, quiet)
+        if status == "complete":  # jobs.prune says so
+            return completed_report(out)
+        if status == "resume":
+            progress.note(f"resuming in {cfg.out}: {len(out.committed())} of {trunk.n_layers} layers already done")
+        calib_hidden, calls = trunk.embed(data.batches(p.calib, cfg.batch_size))
+        hessians_from = "calib_dense" if cfg.mode == "dense" else "calib"
+        runner = SliceRunner(trunk, list(range(trunk.n_layers)), p.spec, calls, hessians_from, out, progress)
+        for b in calib_hidden:
+            runner.push(hessians_from, b)
+        if p.evalw is not None:
+            eval_ids = data.batches(p.evalw, cfg.batch_size)
+            eval_hidden, eval_calls = trunk.embed(eval_ids)
+            for key, c in eval_calls.items():
+                runner.calls.setdefault(key, c)
+            for b in eval_hidden:
+                runner.push("eval_dense", b)
+                runner.push("eval_pruned", b)
+        progress.note(f"pruning {trunk.n_layers} decoder layers ({cfg.method} {p.spec.pattern()}"
+                      f"{', refit ' + cfg.refit if cfg.refit else ''}), one line per layer as it is committed"
+                      f" ({time.perf_counter() - t0:.1f}s)")
+        progress.t0 = time.perf_counter()
+        reports = runner.run()
+        ppl = None
+        if p.evalw is not None:
+            progress.note("evaluating: the final norm and head on the dense and the pruned outputs")
+            ppl = {"dense": perplexity(*_nll(trunk, runner.streams["eval_dense"], eval_ids, "dense", progress)),
+                   "pruned": perplexity(*_nll(trunk, runner.streams["eval_pruned"], eval_ids, "pruned", progress))}
+        progress.note(f"writing the rest of the checkpoint (embeddings, head, index, report) to {cfg.out}")
+        return finish(p, out, trunk, reports, ppl, time.perf_counter() - t0,
+                      {"stages": 1, "layers_solved": runner.solved})
+    finally:
+        out.release()
