@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import assets, data, loading
+from . import assets, data, determinism, loading
 from .calibrate import PruneSpec, SliceRunner, Trunk
 from .checkpoint import OutputDir
 
@@ -281,4 +281,4 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict:
         ppl = {"dense": perplexity(*trunk.nll(runner.streams["eval_dense"], eval_ids)),
                "pruned": perplexity(*trunk.nll(runner.streams["eval_pruned"], eval_ids))}
     return finish(p, out, trunk, reports, ppl, time.perf_counter() - t0,
-                  {"stages": 1, "layers_solved": runner.solved})
+                  {"stages": 1, "layers_solved": runner.solved, "determinism": determinism.facts(cfg.device)})
