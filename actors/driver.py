@@ -222,6 +222,7 @@ class Driver:
         self.pg = None
         self.sink = None
         self.sink_call = None  # the drain in flight, never waited for
+        self.sink_losses = 0
         self.shown: set[int] = set()  # layers whose progress line is out
         self.progress: Progress | None = None
         self.transfers = 0
@@ -242,18 +243,22 @@ class Driver:
             try:
                 items = ray.get(self.sink_call)
             except ray.exceptions.RayError as e:
-                items = []
                 if not _is_loss(e):
                     raise
+                items, self.sink_losses = [], self.sink_losses + 1
+                if self.sink_losses > SINK_RESTARTS:  # Ray has given up restarting it
+                    self.sink, self.sink_call = None, None
                 self.progress.note(f"progress actor lost ({type(e).__name__}); the run goes on, "
                                    f"missing progress lines follow at the end")
             for stage, i, report in items:
                 if i not in self.shown:
                     self.shown.add(i)
                     self.progress(i, report)
+        if self.sink is None:
+            return
         try:
             self.sink_call = self.sink.drain.remote()
-        except ray.exceptions.RayError:  # gone for good (restarts used up): go on without it
+        except ray.exceptions.RayError:  # gone for good: go on without it
             self.sink, self.sink_call = None, None
 
     def _show_missing(self, reports: list[dict]) -> None:
@@ -523,7 +528,9 @@ def run_distributed(cfg: RunConfig, quiet: bool = False) -> dict:
 
     A stage that dies (its process killed, its node lost) ends the attempt; the job then starts
     again by itself, up to MWPRUNE_STAGE_RETRIES (3) times, and resumes from the layers the stages
-    had committed: only unfinished layers are solved again, and the result is unchanged.
+    had committed: only unfinished layers are solved again, and the result is unchanged. The
+    driver's only other actor, the progress actor, costs nothing when lost: Ray restarts it, the
+    driver never waits on it, and the progress lines it lost are printed from the stages' reports.
     """
     retries = max(0, _env_int("MWPRUNE_STAGE_RETRIES", 3))
     for attempt in range(retries + 1):

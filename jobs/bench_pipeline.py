@@ -326,7 +326,9 @@ def threads(a, work: Path) -> dict:
             if label != "1 thread":
                 row.update(agreement(outs["1 thread"], out))
             rows.append(row)
-            print(f"threads {calib} {label}: {row['wall_s']:.0f}s", file=sys.stderr, flush=True)
+            print(f"threads {calib} {label}: {row['wall_s']:.0f}s, perplexity {row['perplexity']:.4f}"
+                  + (f", bit-identical {row['bit_identical']}, mask agreement {row['mask_agreement']:.6f}"
+                     if "bit_identical" in row else ""), file=sys.stderr, flush=True)
         for out in outs.values():
             shutil.rmtree(out, ignore_errors=True)
     lines = [f"{a.method}, single process, {a.eval_windows} eval windows; each run against the 1-thread run", "",
