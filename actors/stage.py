@@ -100,10 +100,11 @@ def _libc():
 def cap_heap(threshold: int = MMAP_THRESHOLD) -> bool:
     """Serve every allocation of `threshold` bytes or more (weights, Hessians, solver workspace) with
     its own mmap, returned to the system when freed. glibc's default threshold rises with each large
-    free (up to 32 MiB), after which such tensors come from the heap, which keeps what it frees: on
-    a 1536-wide Llama (4 layers, magnitude) a stage's peak above its base fell from 711 to 450 MB
-    with this (jobs/bench_pipeline.py, README). Tensors under 4 MiB (activation batches) stay on the
-    heap: page faults on every small allocation are what made a lower fixed threshold cost ~20%.
+    free (up to 32 MiB), after which such tensors come from the heap, which keeps what it frees.
+    Measured on a slice of 4 layers of a 1536-wide Llama (magnitude): peak above base 711 -> 450 MB;
+    sparsegpt, 2 layers: 557-668 -> 453-472 MB, CPU time within noise (26-32 s against 28-29 s).
+    Tensors under 4 MiB (activation batches) stay on the heap: an earlier try with a lower fixed
+    threshold cost ~20% of a layer's time, put down to fresh page faults for every activation.
     Returns False where the C library is not glibc (nothing changes)."""
     libc = _libc()
     if not libc:
