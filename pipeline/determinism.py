@@ -17,7 +17,7 @@ CONDITIONS = [
     "same device type: CPU and CUDA results differ",
     "any number of stages in sequential and dense mode (the same code on the same tensors; tested)",
     "CPU: torch thread count measured not to matter between 1 and 2 threads (SmolLM2, whole sparsegpt "
-    "job at 16 x 512 and 4 x 128 calibration tokens, multiweight layers); larger thread counts are not "
+    "and multiweight jobs at 16 x 512 and 4 x 128 calibration tokens); larger thread counts are not "
     "verified; --refit exact "
     "does depend on it (its batched Cholesky of each row's kept columns is not pinned: it is the costly part)",
     "CUDA: not verified; cuBLAS and cuSOLVER may differ from run to run unless "
