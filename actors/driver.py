@@ -364,7 +364,7 @@ class Driver:
 
             out = OutputDir(cfg.out)
             status = out.begin(fingerprint(p, slices), cfg.overwrite)
-            self.progress = Progress(n_layers, self.quiet)
+            self.progress = Progress(n_layers, self.quiet, sys.stderr)  # the stderr of now, not of import time
             if status == "complete":
                 self.progress.note(f"{cfg.out} already holds this run, complete; nothing to do")
                 return json.loads(out.read_bytes("report.json"))

@@ -411,7 +411,7 @@ def test_killed_stage_is_restarted_and_the_run_completes_unchanged(ray_local, tm
 
 
 # -- the driver's progress actor killed mid-run ----------------------------------------------------
-def test_killed_progress_actor_costs_nothing(ray_local, tmp_path, real_model_dir, short_texts, capsys):
+def test_killed_progress_actor_costs_nothing(ray_local, tmp_path, real_model_dir, short_texts, capfd):
     """kill -9 of the progress actor (the driver's helper that carries progress lines): the run goes on
     without restarting any stage, every layer still gets its progress line, and the output equals an
     uninterrupted run (the single process with one thread, bit for bit)."""
@@ -425,7 +425,7 @@ def test_killed_progress_actor_costs_nothing(ray_local, tmp_path, real_model_dir
                                  "--refit", "exact", "--stages", 2) if a != "--quiet"]  # the actor exists only with progress
     result = {}
     worker = threading.Thread(target=lambda: result.update(code=prune(argv)), daemon=True)
-    capsys.readouterr()
+    capfd.readouterr()  # file-descriptor level: Progress may hold the stderr of before capsys
     worker.start()
     state = tmp_path / "killed" / ".mwprune" / "layers"
     deadline = time.time() + 300
@@ -437,7 +437,7 @@ def test_killed_progress_actor_costs_nothing(ray_local, tmp_path, real_model_dir
     assert len(pids) == 1 and 2 <= killed_at < 8, (pids, killed_at)
     os.kill(pids[0], signal.SIGKILL)
     worker.join(600)
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert result.get("code") == 0, err[-3000:]
     rep = report(tmp_path / "killed")
     assert rep["layers_resumed"] == 0 and rep["layers_solved"] == 8  # no stage was restarted
