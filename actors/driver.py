@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 
-from pipeline import data, loading
+from pipeline import data, determinism, loading
 from pipeline.calibrate import Trunk
 from pipeline.checkpoint import OutputDir
 from pipeline.run import (ConfigError, Progress, RunConfig, completed_report, finish, fingerprint, model_folder,
@@ -169,7 +169,10 @@ def stage_preference(cfg: RunConfig) -> str:
 
 # -- progress ----------------------------------------------------------------------------------
 class _Sink:
-    """Finished-layer reports from the stages, drained by the driver for its progress lines."""
+    """Finished-layer reports from the stages, drained by the driver for its progress lines.
+
+    It carries nothing the run needs: losing it (or what it held) costs progress lines only, which
+    the driver prints at the end from the stages' own reports (`Driver._drain`)."""
 
     def __init__(self):
         self.items = []
@@ -180,6 +183,18 @@ class _Sink:
     def drain(self) -> list:
         out, self.items = self.items, []
         return out
+
+
+SINK_RESTARTS = 5  # Ray restarts a lost progress actor this often (its queued lines are gone)
+
+# What Ray raises when an actor, its worker process or its node is gone (as opposed to an error
+# raised by the stage's own code, which is the run's error).
+LOSS = ("RayActorError", "ObjectLostError", "WorkerCrashedError", "NodeDiedError", "OutOfMemoryError")
+
+
+def _is_loss(e: BaseException) -> bool:
+    import ray
+    return isinstance(e, tuple(getattr(ray.exceptions, n) for n in LOSS if hasattr(ray.exceptions, n)))
 
 
 def _unwrap(e: BaseException, stage: int | None) -> BaseException:
@@ -206,27 +221,63 @@ class Driver:
         self.stages: list = []
         self.pg = None
         self.sink = None
+        self.sink_call = None  # the drain in flight, never waited for
+        self.sink_losses = 0
+        self.shown: set[int] = set()  # layers whose progress line is out
         self.progress: Progress | None = None
         self.transfers = 0
 
     # -- waiting, with progress and errors ------------------------------------------------------
-    def _drain(self) -> None:
+    def _drain(self, wait: float = 0.0) -> None:
+        """Progress lines for the layers the stages reported. Never blocks the pipeline on the
+        progress actor (at most `wait` seconds, at the end): if it is lost, the run goes on and Ray
+        restarts it; lines it lost come from the stages' reports at the end (`_show_missing`)."""
         import ray
 
         if self.sink is None:
             return
-        for stage, i, report in ray.get(self.sink.drain.remote()):
-            self.progress(i, report)
+        if self.sink_call is not None:
+            ready, _ = ray.wait([self.sink_call], timeout=wait)
+            if not ready:
+                return
+            try:
+                items = ray.get(self.sink_call)
+            except ray.exceptions.RayError as e:
+                if not _is_loss(e):
+                    raise
+                items, self.sink_losses = [], self.sink_losses + 1
+                if self.sink_losses > SINK_RESTARTS:  # Ray has given up restarting it
+                    self.sink, self.sink_call = None, None
+                self.progress.note(f"progress actor lost ({type(e).__name__}); the run goes on, "
+                                   f"missing progress lines follow at the end")
+            for stage, i, report in items:
+                if i not in self.shown:
+                    self.shown.add(i)
+                    self.progress(i, report)
+        if self.sink is None:
+            return
+        try:
+            self.sink_call = self.sink.drain.remote()
+        except ray.exceptions.RayError:  # gone for good: go on without it
+            self.sink, self.sink_call = None, None
+
+    def _show_missing(self, reports: list[dict]) -> None:
+        """Progress lines the progress actor lost (or never got), once the stages have reported."""
+        if self.progress is None:
+            return
+        for r in sorted(reports, key=lambda r: r["layer"]):
+            if r["layer"] not in self.shown:
+                self.shown.add(r["layer"])
+                self.progress(r["layer"], r)
 
     def _get(self, ref):
         import ray
 
         try:
             return ray.get(ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
-            stage = self.owner.get(ref)
-            raise StageLost(f"stage {stage} lost: {type(e).__name__}") from None
         except ray.exceptions.RayError as e:
+            if _is_loss(e):  # its process or node is gone: restart from the committed layers
+                raise StageLost(f"stage {self.owner.get(ref)} lost: {type(e).__name__}") from None
             raise _unwrap(e, self.owner.get(ref)) from None
 
     def _wait(self, refs: list, num_returns: int) -> list:
@@ -299,8 +350,8 @@ class Driver:
                                      f"({plan.strategy}) within {plan.timeout:g}s")
 
             # 3. Stages start (importing torch, building skeletons) while this process tokenizes.
-            if not self.quiet:
-                self.sink = ray.remote(num_cpus=0)(_Sink).remote()
+            if not self.quiet:  # restarted by Ray if lost; calls in flight then fail, see _drain
+                self.sink = ray.remote(num_cpus=0, max_restarts=SINK_RESTARTS, max_task_retries=0)(_Sink).remote()
             StageActor = ray.remote(Stage)
             self.stages = [
                 StageActor.options(**plan.actor_options, max_restarts=0, max_task_retries=0,
@@ -314,7 +365,7 @@ class Driver:
 
             out = OutputDir(cfg.out)
             status = out.begin(fingerprint(p, slices), cfg.overwrite)
-            self.progress = Progress(n_layers, self.quiet)
+            self.progress = Progress(n_layers, self.quiet, sys.stderr)  # the stderr of now, not of import time
             if status == "complete":
                 self.progress.note(f"{cfg.out} already holds this run, complete; nothing to do")
                 return completed_report(out)
@@ -336,6 +387,7 @@ class Driver:
             facts = [self._get(self._call(s, "facts")) for s in range(k)]
             wall = time.perf_counter() - t0
             extra = {"stages": k, "layers_solved": solved,
+                     "determinism": determinism.facts(p.cfg.device, [f["torch_threads"] for f in facts]),
                      "pipeline": {"mode": cfg.mode, "partition": slices, "placement": plan.strategy,
                                   "bundle": plan.bundle, "max_inflight": self.max_inflight,
                                   "transfers": self.transfers, "stage_facts": _strip_events(facts)}}
@@ -350,7 +402,10 @@ class Driver:
             for a in self.stages:
                 ray.kill(a)
             if self.sink is not None:
-                ray.kill(self.sink)
+                try:
+                    ray.kill(self.sink)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
             if self.pg is not None:
                 remove_placement_group(self.pg)
             if own:
@@ -413,9 +468,12 @@ class Driver:
         nll = self._call(k - 1, "nll", evalw, bs) if n_eval else None
         self.inflight = self._wait(self.inflight + runs + ([nll] if nll else []),
                                    len(self.inflight) + len(runs) + (1 if nll else 0))
-        self._drain()
         results = [self._get(r) for r in runs]
         reports = [r for res in results for r in res["reports"]]
+        self._drain(wait=5.0)
+        if self.sink_call is not None:
+            self._drain(wait=5.0)  # the drain submitted after the last put: the last lines
+        self._show_missing(reports)
         ppl = None
         if nll is not None:
             res = self._get(nll)
@@ -474,7 +532,9 @@ def run_distributed(cfg: RunConfig, quiet: bool = False) -> dict:
 
     A stage that dies (its process killed, its node lost) ends the attempt; the job then starts
     again by itself, up to MWPRUNE_STAGE_RETRIES (3) times, and resumes from the layers the stages
-    had committed: only unfinished layers are solved again, and the result is unchanged.
+    had committed: only unfinished layers are solved again, and the result is unchanged. The
+    driver's only other actor, the progress actor, costs nothing when lost: Ray restarts it, the
+    driver never waits on it, and the progress lines it lost are printed from the stages' reports.
     """
     retries = max(0, _env_int("MWPRUNE_STAGE_RETRIES", 3))
     for attempt in range(retries + 1):

@@ -14,6 +14,18 @@ the busy fraction of each stage over the pipeline time, each stage's peak reside
 held-out perplexity of each mode. Wall times are medians over --repeats runs with min and max. A
 markdown table goes to stdout, everything to the JSON file --out, and the stage timeline of the
 largest K of each mode to timeline_<mode>.png next to it.
+
+`--sections` adds two checks to the default `pipeline`:
+
+    memory   each stage's base (torch, transformers, Ray, the meta skeleton) and peak resident memory
+             on a random Llama written in bf16 to a temporary folder (default: 24 layers, hidden 1536,
+             intermediate 3072, 2.57 GB as float32), K = 6 sequential stages, magnitude, 2 x 64
+             calibration tokens; target: every stage's peak above its base <= 0.25 x the float32 model
+             (and the CUDA peak per stage beside it, on GPUs)
+    threads  how far the single-process result moves with torch's thread count: 1 thread against
+             --threads-max, at each --thread-calibs calibration (default 16 x 512 and 4 x 128):
+             bit-identity, mask agreement overall and in layer 0, perplexity; with --unpinned also
+             as before the solvers pinned their Cholesky factorisations to one thread
 """
 from __future__ import annotations
 
@@ -45,6 +57,14 @@ def parse(argv=None):
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs Ray may use (default: all)")
     p.add_argument("--work", default=None, help="folder for the runs' outputs (default: a temporary one, removed)")
     p.add_argument("--out", default="bench-out/pipeline.json", help="JSON results")
+    p.add_argument("--sections", default="pipeline", help="comma-separated: pipeline, memory, threads")
+    p.add_argument("--memory-model", default="24,1536,3072,12",
+                   help="layers,hidden,intermediate,heads of the random Llama of the memory check")
+    p.add_argument("--memory-stages", type=int, default=6)
+    p.add_argument("--thread-calibs", default="16x512,4x128", help="nsamples x seqlen for the thread check")
+    p.add_argument("--threads-max", type=int, default=2)
+    p.add_argument("--unpinned", action="store_true",
+                   help="thread check: also run without pinning the solvers' Cholesky to one thread")
     return p.parse_args(argv)
 
 
@@ -61,7 +81,11 @@ def stage_summary(report: dict) -> dict:
     busy = [f["busy_s"] for f in facts]
     return {"pipeline_s": end - start, "busy_s": busy, "idle_s": [f["idle_s"] for f in facts],
             "busy_fraction": [round(working(f["events"], start, end) / (end - start), 3) for f in facts],
-            "peak_rss_mb": [round(f["peak_rss_mb"]) for f in facts]}
+            "peak_rss_mb": [round(f["peak_rss_mb"]) for f in facts],
+            "base_rss_mb": [round(f["base_rss_mb"]) for f in facts],
+            "peak_above_base_mb": [round(f["peak_rss_mb"] - f["base_rss_mb"]) for f in facts],
+            **({"cuda_peak_mb": [round(f.get("cuda_peak_mb", 0)) for f in facts]}
+               if any("cuda_peak_mb" in f for f in facts) else {})}
 
 
 def working(events: list, start: float, end: float) -> float:
@@ -96,7 +120,7 @@ def score(rows: list[dict], cores: int) -> str:
     single = next(r["wall_s"] for r in rows if r["mode"] == "single-process")
     base = {r["mode"]: r["wall_s"] for r in rows if r["stages"] == 1 and r["mode"] != "single-process"}
     lines = [("| mode | K | wall s, median [min, max] | pipeline s | wall / single | speed-up vs single "
-              "| speed-up vs K=1 | busy % per stage | peak RSS MB per process | target | met | ppl pruned |"),
+              "| speed-up vs K=1 | busy % per stage | peak RSS MB per process (above base) | target | met | ppl pruned |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         r["ratio_to_single"] = r["wall_s"] / single
@@ -115,15 +139,24 @@ def score(rows: list[dict], cores: int) -> str:
         pipe = f"{r['pipeline_s']:.1f}" if "pipeline_s" in r else "-"
         met = "" if r["met"] is None else ("yes" if r["met"] else "no")
         busy = " / ".join(f"{100 * b:.0f}" for b in r.get("busy_fraction", [])) or "-"
-        rss = " / ".join(str(m) for m in r.get("peak_rss_mb", [])) or "-"
+        above = r.get("peak_above_base_mb") or [None] * len(r.get("peak_rss_mb", []))
+        rss = " / ".join(str(m) + ("" if d is None else f" ({d})") for m, d in zip(r.get("peak_rss_mb", []), above)) or "-"
         lines.append(f"| {r['mode']} | {r['stages']} | {median_text(r['walls'])} | {pipe} | {r['ratio_to_single']:.2f}x | "
                      f"{r['speedup_vs_single']:.2f}x | {r['speedup_vs_k1']:.2f}x | {busy} | {rss} | {r['target']} | "
                      f"{met} | {'-' if ppl is None else f'{ppl:.2f}'} |")
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    a = parse(argv)
+def init_ray(cpus: int, gpus: int) -> None:
+    import ray
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    root = str(Path(__file__).resolve().parent.parent)
+    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, logging_level="WARNING",
+             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": root}})
+
+
+def pipeline(a, work: Path) -> dict:
     import ray
     import torch
 
@@ -132,13 +165,7 @@ def main(argv=None) -> int:
 
     ks = [int(k) for k in a.stages.split(",")]
     modes = [m for m in a.modes.split(",") if m]
-    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    root = str(Path(__file__).resolve().parent.parent)
-    ray.init(num_cpus=a.cpus, num_gpus=max(ks), include_dashboard=False, logging_level="WARNING",
-             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": root}})
+    init_ray(a.cpus, max(ks))
     rows = []
     load_start = os.getloadavg()
     try:
@@ -168,8 +195,6 @@ def main(argv=None) -> int:
                 print(f"{mode} K={k}: {median_text(walls)}s", file=sys.stderr, flush=True)
     finally:
         ray.shutdown()
-        if not a.work:
-            shutil.rmtree(work, ignore_errors=True)
 
     cores = os.cpu_count() or 1
     table = score(rows, cores)
@@ -180,9 +205,169 @@ def main(argv=None) -> int:
     print(f"{a.method}, {a.nsamples} x {a.seqlen} calibration, {a.eval_windows} eval windows, {cores} cores, "
           f"one thread per stage and for the single-process job\n")
     print(table)
+    return {"setup": setup, "rows": rows, "table": table}
+
+
+def memory(a, work: Path) -> dict:
+    """Per-stage base and peak memory on a random Llama (see the module docstring)."""
+    import ray
+
+    from actors.driver import run_distributed
+    from jobs.bench import random_llama
+    from pipeline import assets
+    from pipeline.run import RunConfig
+    import torch
+
+    layers, hidden, inter, heads = (int(x) for x in a.memory_model.split(","))
+    k = a.memory_stages
+    folder = work / "memory-model"
+    bf16_bytes = random_llama(folder, layers, hidden, inter, heads, assets.default_model_dir(), dtype=torch.bfloat16)
+    f32_bytes = 2 * bf16_bytes
+    init_ray(a.cpus, k)
+    try:
+        out = work / "memory-out"
+        rep = run_distributed(RunConfig(out=str(out), model=str(folder), method="magnitude", nsamples=2, seqlen=64,
+                                        eval_windows=2, batch_size=1, mode="sequential", stages=k).resolve(), quiet=True)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(work / "memory-out", ignore_errors=True)
+    gb = 1e9
+    rows = []
+    for f in rep["pipeline"]["stage_facts"]:
+        above = (f["peak_rss_mb"] - f["base_rss_mb"]) * 2**20
+        rows.append({"stage": f["stage"], "layers": f"{f['layers'][0]}-{f['layers'][-1]}",
+                     "base_gb": f["base_rss_mb"] * 2**20 / gb, "peak_gb": f["peak_rss_mb"] * 2**20 / gb,
+                     "above_base_gb": above / gb, "above_base_x_model": above / f32_bytes,
+                     "cuda_peak_gb": f["cuda_peak_mb"] * 2**20 / gb if "cuda_peak_mb" in f else None,
+                     "heap_capped": f.get("heap_capped")})
+    worst = max(r["above_base_x_model"] for r in rows)
+    lines = [f"Random Llama, {layers} layers, hidden {hidden}, intermediate {inter}: {f32_bytes / gb:.2f} GB as float32 "
+             f"({bf16_bytes / gb:.2f} GB bf16 on disk); {k} sequential stages, magnitude 50%, 2 x 64 calibration tokens.",
+             "", "| stage | layers | base GB | peak GB | peak - base GB | (peak - base) / float32 model | CUDA peak GB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cuda = "-" if r["cuda_peak_gb"] is None else f"{r['cuda_peak_gb']:.2f}"
+        lines.append(f"| {r['stage']} | {r['layers']} | {r['base_gb']:.2f} | {r['peak_gb']:.2f} | "
+                     f"{r['above_base_gb']:.2f} | {r['above_base_x_model']:.3f} | {cuda} |")
+    lines.append(f"\ntarget: every stage <= 0.25x the float32 model; worst {worst:.3f}x: "
+                 f"{'met' if worst <= 0.25 else 'not met'}")
+    table = "\n".join(lines)
+    print(table)
+    return {"model": {"layers": layers, "hidden": hidden, "intermediate": inter, "heads": heads,
+                      "float32_bytes": f32_bytes, "bf16_bytes": bf16_bytes}, "stages": k, "rows": rows,
+            "worst_x_model": worst, "met": worst <= 0.25, "seconds": rep["seconds"], "table": table}
+
+
+def _tensors(out: Path) -> dict:
+    from safetensors.torch import load_file
+    got = {}
+    for f in sorted(out.glob("*.safetensors")):  # every shard sits at the top level
+        got.update(load_file(f))
+    return got
+
+
+def agreement(a_out: Path, b_out: Path) -> dict:
+    """How two runs' pruned weights compare: bit-identity, first differing tensor, mask agreement
+    (fraction of matrix entries pruned in both or kept in both), overall and in layer 0."""
+    import torch
+
+    ta, tb = _tensors(a_out), _tensors(b_out)
+    same = agree = total = agree0 = total0 = 0
+    first = None
+    for name in sorted(ta):
+        x, y = ta[name], tb[name]
+        if torch.equal(x, y):
+            same += 1
+        elif first is None:
+            first = name
+        if x.dim() != 2:
+            continue
+        n = int(((x == 0) == (y == 0)).sum())
+        agree, total = agree + n, total + x.numel()
+        if ".layers.0." in name:
+            agree0, total0 = agree0 + n, total0 + x.numel()
+    return {"bit_identical": first is None, "first_differing": first, "tensors_equal": same, "tensors": len(ta),
+            "mask_agreement": agree / total, "mask_agreement_layer0": agree0 / total0 if total0 else None}
+
+
+def threads(a, work: Path) -> dict:
+    """The single-process job at 1 thread and at --threads-max threads (see the module docstring)."""
+    from contextlib import nullcontext
+
+    import torch
+
+    from pipeline.run import RunConfig, run
+    from pipeline.solvers import common
+
+    pinned = common.one_thread
+    rows = []
+    for calib in a.thread_calibs.split(","):
+        ns, sl = (int(x) for x in calib.lower().split("x"))
+        outs = {}
+        variants = [("1 thread", 1, True), (f"{a.threads_max} threads", a.threads_max, True)]
+        if a.unpinned:
+            variants.append((f"{a.threads_max} threads, Cholesky not pinned", a.threads_max, False))
+        for label, n, pin in variants:
+            out = work / f"threads-{ns}x{sl}-{n}-{pin}"
+            shutil.rmtree(out, ignore_errors=True)
+            torch.set_num_threads(n)
+            common.one_thread = pinned if pin else (lambda t: nullcontext())
+            try:
+                t0 = time.perf_counter()
+                rep = run(RunConfig(out=str(out), model=a.model, method=a.method, nsamples=ns, seqlen=sl,
+                                    eval_windows=a.eval_windows, batch_size=a.batch_size).resolve(), quiet=True)
+            finally:
+                common.one_thread = pinned
+                torch.set_num_threads(1)
+            outs[label] = out
+            row = {"calibration": f"{ns} x {sl}", "run": label, "threads": n, "pinned": pin,
+                   "wall_s": time.perf_counter() - t0, "perplexity": rep["perplexity"]["pruned"]}
+            if label != "1 thread":
+                row.update(agreement(outs["1 thread"], out))
+            rows.append(row)
+            print(f"threads {calib} {label}: {row['wall_s']:.0f}s, perplexity {row['perplexity']:.4f}"
+                  + (f", bit-identical {row['bit_identical']}, mask agreement {row['mask_agreement']:.6f}"
+                     if "bit_identical" in row else ""), file=sys.stderr, flush=True)
+        for out in outs.values():
+            shutil.rmtree(out, ignore_errors=True)
+    lines = [f"{a.method}, single process, {a.eval_windows} eval windows; each run against the 1-thread run", "",
+             "| calibration | run | perplexity | bit-identical | mask agreement | layer 0 mask agreement | first differing |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "bit_identical" not in r:
+            lines.append(f"| {r['calibration']} | {r['run']} | {r['perplexity']:.3f} | | | | |")
+        else:
+            lines.append(f"| {r['calibration']} | {r['run']} | {r['perplexity']:.3f} | {'yes' if r['bit_identical'] else 'no'} "
+                         f"| {r['mask_agreement']:.6f} | {r['mask_agreement_layer0']:.6f} | {r['first_differing'] or '-'} |")
+    table = "\n".join(lines)
+    print(table)
+    return {"method": a.method, "rows": rows, "table": table}
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    sections = [x for x in a.sections.split(",") if x]
+    unknown = set(sections) - {"pipeline", "memory", "threads"}
+    if unknown:
+        print(f"error: unknown section(s) {', '.join(sorted(unknown))}; choose pipeline, memory, threads", file=sys.stderr)
+        return 2
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    work.mkdir(parents=True, exist_ok=True)
+    result = {}
+    try:
+        if "pipeline" in sections:
+            result.update(pipeline(a, work))
+        if "memory" in sections:
+            result["memory"] = memory(a, work)
+        if "threads" in sections:
+            result["threads"] = threads(a, work)
+    finally:
+        if not a.work:
+            shutil.rmtree(work, ignore_errors=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(a.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps({"setup": setup, "rows": rows, "table": table}, indent=1))
+    tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, a.out)
     print(f"\nwrote {a.out}")
     return 0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import assets, data, loading
+from . import assets, data, determinism, loading
 from .calibrate import PruneSpec, SliceRunner, Trunk
 from .checkpoint import OutputDir
 from .models.generic import candidates
@@ -345,6 +345,7 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict:
                    "pruned": perplexity(*_nll(trunk, runner.streams["eval_pruned"], eval_ids, "pruned", progress))}
         progress.note(f"writing the rest of the checkpoint (embeddings, head, index, report) to {cfg.out}")
         return finish(p, out, trunk, reports, ppl, time.perf_counter() - t0,
-                      {"stages": 1, "layers_solved": runner.solved})
+                      {"stages": 1, "layers_solved": runner.solved,
+                       "determinism": determinism.facts(cfg.device)})
     finally:
         out.release()

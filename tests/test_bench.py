@@ -118,3 +118,49 @@ def test_moe_bench_tiny(tmp_path):
     assert {(r["method"], r["pattern"]) for r in res["rows"]} == \
         {(m, p) for m in bench_moe.METHODS for p in bench_moe.PATTERNS}
     assert all(r["moe_s"] > 0 and r["dense_s"] > 0 for r in res["rows"])
+
+
+def test_agreement_counts_masks_and_finds_the_first_difference(tmp_path):
+    """The thread check's comparison of two outputs: mask agreement overall and in layer 0."""
+    import torch
+    from safetensors.torch import save_file
+
+    from jobs.bench_pipeline import agreement
+    w = {f"model.layers.{i}.mlp.down_proj.weight": torch.tensor([[0.0, 1.0], [2.0, 0.0]]) for i in range(2)}
+    for name, change in (("a", None), ("b", "model.layers.1.mlp.down_proj.weight")):
+        (tmp_path / name).mkdir(parents=True)
+        t = {k: v.clone() for k, v in w.items()}
+        if change:
+            t[change][0, 0] = 3.0  # one of the 8 entries: pruned in a, kept in b
+        save_file(t, tmp_path / name / "model-00001-of-00002.safetensors")
+    same = agreement(tmp_path / "a", tmp_path / "a")
+    assert same["bit_identical"] and same["mask_agreement"] == 1.0
+    diff = agreement(tmp_path / "a", tmp_path / "b")
+    assert not diff["bit_identical"] and diff["first_differing"] == "model.layers.1.mlp.down_proj.weight"
+    assert diff["mask_agreement"] == 7 / 8 and diff["mask_agreement_layer0"] == 1.0
+
+
+@pytest.mark.slow
+def test_pipeline_bench_memory_and_threads_sections(tmp_path, tiny_model):
+    """Per-stage base and peak memory with the target against the float32 model; the thread check's
+    rows (on this tiny model the 1- and 2-thread results are compared, not asserted equal)."""
+    out = tmp_path / "p" / "pipeline.json"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "jobs.bench_pipeline", "--sections", "memory,threads",
+                           "--model", str(tiny_model("llama")), "--memory-model", "4,64,128,4", "--memory-stages", "2",
+                           "--thread-calibs", "2x32", "--eval-windows", "2", "--batch-size", "2", "--cpus", "2",
+                           "--unpinned", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    mem = res["memory"]
+    assert mem["stages"] == 2 and len(mem["rows"]) == 2 and mem["model"]["float32_bytes"] > 0
+    for r in mem["rows"]:
+        assert 0 < r["base_gb"] <= r["peak_gb"]
+        assert math.isclose(r["above_base_x_model"], r["above_base_gb"] * 1e9 / mem["model"]["float32_bytes"], rel_tol=1e-9)
+    assert mem["met"] == (mem["worst_x_model"] <= 0.25)
+    rows = res["threads"]["rows"]
+    assert [(r["threads"], r["pinned"]) for r in rows] == [(1, True), (2, True), (2, False)]
+    for r in rows[1:]:
+        assert 0 < r["mask_agreement"] <= 1 and r["bit_identical"] == (r["first_differing"] is None)
+    assert "layer 0 mask agreement" in res["threads"]["table"]
