@@ -240,7 +240,7 @@ def test_no_op_rerun_says_so(tiny_model, short_texts, tmp_path, capsys):
 
 def test_help_shows_defaults():
     text = " ".join(parser().format_help().split())  # wrapping depends on the terminal width
-    for needle in ("(default: multiweight)", "(default: none)", "(default: 8)", "(default: sequential)",
+    for needle in ("(default: multiweight)", "(default: none)", "(default: windows)", "(default: sequential)",
                    "(default: 0)", "(default: 4)"):
         assert needle in text, needle
 
