@@ -29,11 +29,13 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m jobs.prune", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="HF folder (safetensors) or .gguf file; default: built-in SmolLM2-135M")
     p.add_argument("--out", help="output folder or URI (s3://, gs://...); default: out/<model>-<method>-<pattern>")
-    p.add_argument("--method", default="multiweight", help="multiweight | sparsegpt | wanda | magnitude")
+    p.add_argument("--method", default="multiweight", help="multiweight | sparsegpt | wanda | magnitude | admm (mask search from multiweight's, refitted)")
     pat = p.add_mutually_exclusive_group()
     pat.add_argument("--sparsity", type=float, default=None, help="unstructured sparsity in (0, 1); default 0.5")
     pat.add_argument("--nm", type=_nm, default=None, help="N:M semi-structured pattern, e.g. 2:4 or 4:8")
     p.add_argument("--refit", default="none", help="none | cg | exact: least-squares refit of the kept weights")
+    p.add_argument("--allocation", default="uniform",
+                   help="uniform | owl: sparsity per layer from its outlier ratio (unstructured only; single process)")
     p.add_argument("--group-size", type=int, default=None, help="multiweight: columns solved jointly")
     p.add_argument("--mask-rule", default=None, help="multiweight N:M: saliency | exact")
     p.add_argument("--calib", help="calibration text: .txt, .jsonl/.json (field text) or .parquet; default: Pride and Prejudice")
@@ -70,7 +72,7 @@ def config_from_args(a):
                      refit=None if a.refit == "none" else a.refit, calib=a.calib, nsamples=a.nsamples,
                      seqlen=a.seqlen, seed=a.seed, eval=a.eval, eval_windows=a.eval_windows, device=a.device,
                      dtype=a.dtype, batch_size=a.batch_size, mode=a.mode, stages=a.stages, address=a.address,
-                     overwrite=a.overwrite, solver_options=opts)
+                     overwrite=a.overwrite, solver_options=opts, allocation=a.allocation)
 
 
 def distributed(a) -> bool:
@@ -95,6 +97,9 @@ def main(argv=None) -> int:
         # work runs (a Ray driver on a CPU head must not pick CPU defaults for GPU stages).
         cfg = config_from_args(a).validate()
         if distributed(a):
+            if cfg.allocation != "uniform":  # its dense pre-pass is wired into the single-process job only
+                raise ValueError(f"--allocation {cfg.allocation} runs in the single-process job only; "
+                                 "drop --stages/--mode/--address (and RAY_ADDRESS)")
             from actors.driver import run_distributed
             report = run_distributed(cfg, quiet=a.quiet)
         else:

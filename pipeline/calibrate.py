@@ -33,12 +33,14 @@ class PruneSpec:
     nm: tuple[int, int] | None = None
     refit: str | None = None
     options: dict = field(default_factory=dict)  # extra solver keywords (group size, mask rule, ...)
+    module_sparsity: dict | None = None  # "layer.module" -> sparsity, overriding `sparsity` (OWL)
 
     def pattern(self) -> str:
         return f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"{self.sparsity:g}"
 
-    def kwargs(self) -> dict:
-        return dict(method=self.method, sparsity=None if self.nm else self.sparsity,
+    def kwargs(self, key: str | None = None) -> dict:
+        sparsity = (self.module_sparsity or {}).get(key, self.sparsity)
+        return dict(method=self.method, sparsity=None if self.nm else sparsity,
                     nm=tuple(self.nm) if self.nm else None, refit=self.refit, **self.options)
 
 
@@ -184,13 +186,13 @@ def accumulate_group(layer: nn.Module, modules: dict[str, nn.Linear], names: lis
 
 
 def prune_group(modules: dict[str, nn.Linear], names: list[str], acc: HessianAccumulator,
-                spec: PruneSpec, where: str = "") -> dict[str, dict]:
+                spec: PruneSpec, where: str = "", layer: int | None = None) -> dict[str, dict]:
     reports = {}
     H = acc.hessian
     for name in names:
         mod = modules[name]
         try:
-            res = prune_with_info(mod.weight.data, H, **spec.kwargs())
+            res = prune_with_info(mod.weight.data, H, **spec.kwargs(f"{layer}.{name}"))
         except (ValueError, RuntimeError, FloatingPointError) as e:  # say which module failed
             raise type(e)(f"{where}{name}: {e}") from e
         mod.weight.data = res.weight
@@ -313,7 +315,7 @@ class SliceRunner:
                     acc = o.early
                 else:
                     acc = accumulate_group(layer, o.modules, names, hess_src, kw, taps=o.taps)
-                mod_reports.update(prune_group(o.modules, names, acc, self.spec, f"layer {i} "))
+                mod_reports.update(prune_group(o.modules, names, acc, self.spec, f"layer {i} ", i))
                 del acc
             report = {"layer": i, "groups": o.groups, "modules": mod_reports,
                       "sparsity": _layer_sparsity(o.modules)}

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from . import assets, data, loading
+from . import allocation, assets, data, loading
 from .calibrate import PruneSpec, SliceRunner, Trunk
 from .checkpoint import OutputDir
 
-METHODS = ("multiweight", "sparsegpt", "wanda", "magnitude")
+METHODS = ("multiweight", "sparsegpt", "wanda", "magnitude", "admm")
 MODES = ("sequential", "stagewise", "dense")
 
 
@@ -49,6 +49,7 @@ class RunConfig:
     address: str | None = None
     overwrite: bool = False
     solver_options: dict = field(default_factory=dict)
+    allocation: str = "uniform"       # sparsity per layer: uniform or owl (pipeline/allocation.py)
 
     def validate(self) -> "RunConfig":
         """Check the options that need no machine facts; every problem is one ConfigError."""
@@ -65,6 +66,10 @@ class RunConfig:
             self.sparsity = None
         elif self.sparsity is None or not (0 < self.sparsity < 1):
             raise ConfigError(f"sparsity must be in (0, 1), got {self.sparsity}")
+        if self.allocation not in allocation.ALLOCATIONS:
+            raise ConfigError(f"unknown allocation {self.allocation!r}; choose uniform or owl")
+        if self.allocation == "owl" and self.nm is not None:
+            raise ConfigError("--allocation owl needs unstructured --sparsity, not an N:M pattern")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -170,7 +175,9 @@ def fingerprint(p: Prepared, partition: list[list[int]] | None = None) -> dict:
             "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed, "mode": c.mode,
             "dtype": str(p.dtype), "batch_size": c.batch_size,
             # stagewise results depend on where the stage boundaries are
-            "partition": partition if c.mode == "stagewise" else None}
+            "partition": partition if c.mode == "stagewise" else None,
+            # only when set, so that fingerprints of uniform runs stay what they were
+            **({"allocation": c.allocation} if c.allocation != "uniform" else {})}
 
 
 def perplexity(nll: float, count: int) -> float:
@@ -265,6 +272,10 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict:
     if status == "resume":
         progress.note(f"resuming in {cfg.out}: {len(out.committed())} of {trunk.n_layers} layers already done")
     calib_hidden, kwargs = trunk.embed(data.batches(p.calib, cfg.batch_size))
+    plan = None
+    if cfg.allocation == "owl":  # one pass of the calibration batches through the dense layers
+        plan = allocation.owl_plan(trunk, calib_hidden, kwargs, cfg.sparsity)
+        p.spec.module_sparsity = plan["module_sparsity"]
     hessians_from = "calib_dense" if cfg.mode == "dense" else "calib"
     runner = SliceRunner(trunk, list(range(trunk.n_layers)), p.spec, kwargs, hessians_from, out, progress)
     for b in calib_hidden:
@@ -280,5 +291,7 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict:
     if p.evalw is not None:
         ppl = {"dense": perplexity(*trunk.nll(runner.streams["eval_dense"], eval_ids)),
                "pruned": perplexity(*trunk.nll(runner.streams["eval_pruned"], eval_ids))}
-    return finish(p, out, trunk, reports, ppl, time.perf_counter() - t0,
-                  {"stages": 1, "layers_solved": runner.solved})
+    extra = {"stages": 1, "layers_solved": runner.solved}
+    if plan is not None:
+        extra["allocation"] = {k: v for k, v in plan.items() if k != "module_sparsity"}
+    return finish(p, out, trunk, reports, ppl, time.perf_counter() - t0, extra)
