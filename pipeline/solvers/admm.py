@@ -21,11 +21,12 @@ import torch
 from . import multiweight, refit as refit_mod
 from .common import cholesky, error, quota
 
-# Measured on the 12 real SmolLM2 layers of jobs.bench_solvers at 50% (error vs SparseGPT's): rho
-# 0.1 0.570, 0.3 0.587, 1.0 0.687 (a large start keeps the warm start's support); slower growth
-# 0.566 (x1.2/1.1/1.05, 90 iterations) and 0.563 (x1.1/1.05/1.03, 150) at 1.4x and 2.5x the
-# search time; the final refit with 30 cg iterations instead of 10: the same; scoring by |w| (no rescaling) 0.607,
-# by |w|·H_jj^¼ 0.571; more rounds from the refitted result change nothing (its support is stable).
+# Measured on the 12 real SmolLM2 layers of jobs.bench_solvers at 50% (error vs SparseGPT's):
+# rho 0.1 0.570, 0.3 0.587, 1.0 0.687 (a large start keeps the warm start's support); slower
+# growth 0.566 (x1.2/1.1/1.05, 90 iterations) and 0.563 (x1.1/1.05/1.03, 150) at 1.4x and 2.5x
+# the search time; a final refit of 30 cg iterations instead of 10: the same; scoring by |w|
+# (no rescaling) 0.607, by |w|·H_jj^¼ 0.571; more rounds from the refitted result change
+# nothing (its support is stable).
 ITERS = 60        # ADMM iterations at most (it stops earlier once the support is stable)
 RHO = 0.1         # starting penalty, relative to H' (unit diagonal)
 UPDATE = 3        # iterations between penalty updates
