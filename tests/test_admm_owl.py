@@ -176,7 +176,7 @@ def test_outlier_ratio_counts_scores_above_m_times_mean():
 
 
 def test_owl_job_keeps_the_overall_sparsity(tiny_model, short_texts, tmp_path):
-    """End to end on a tiny model: exactly round(0.5 · weights) zeros, as the uniform run (every
+    """End to end on a tiny model, with admm: exactly round(0.5 · weights) zeros, as the uniform run (every
     module has an even size there, so uniform is exact too), spread unevenly over the layers."""
     from jobs.prune import main
     model = tiny_model("llama")
@@ -185,7 +185,7 @@ def test_owl_job_keeps_the_overall_sparsity(tiny_model, short_texts, tmp_path):
         out = tmp_path / alloc
         assert main(["--model", str(model), "--out", str(out), "--calib", str(short_texts["calib"]),
                      "--eval-windows", "0", "--nsamples", "4", "--seqlen", "32", "--quiet",
-                     "--method", "wanda", "--sparsity", "0.5", "--allocation", alloc]) == 0
+                     "--method", "admm", "--sparsity", "0.5", "--allocation", alloc]) == 0
         reports[alloc] = json.loads((out / "report.json").read_text())
     u, o = reports["uniform"], reports["owl"]
     assert o["sparsity"]["overall"] == u["sparsity"]["overall"] == 0.5
