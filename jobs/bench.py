@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 E2E_METHODS = [("magnitude", None), ("wanda", None), ("sparsegpt", None), ("multiweight", None),
-               ("multiweight", "cg")]
+               ("multiweight", "cg"), ("admm", "cg")]
+E2E_OWL = [("admm", "cg")]  # also run with --allocation owl, at unstructured patterns (label +owl)
 SMALL_PATTERNS = ["0.5", "2:4"]
 FULL_PATTERNS = ["0.5", "0.6", "0.7", "2:4", "4:8"]
 
@@ -90,15 +91,17 @@ def e2e(out: Path, full: bool, patterns: list[str] | None, nsamples: int | None,
     try:
         for pat in patterns:
             nm = tuple(int(x) for x in pat.split(":")) if ":" in pat else None
-            for method, refit in E2E_METHODS:
-                name = label(method, refit)
+            runs = [(m, r, "uniform") for m, r in E2E_METHODS] + \
+                ([] if nm else [(m, r, "owl") for m, r in E2E_OWL])
+            for method, refit, alloc in runs:
+                name = label(method, refit) + ("+owl" if alloc == "owl" else "")
                 if methods and name not in methods and method != "sparsegpt":
                     continue
                 if (pat, name) in done:
                     rows.append(done[(pat, name)])
                     continue
                 t0 = time.perf_counter()
-                rep = run(RunConfig(out=str(work / "run"), method=method, refit=refit, nm=nm,
+                rep = run(RunConfig(out=str(work / "run"), method=method, refit=refit, nm=nm, allocation=alloc,
                                     sparsity=None if nm else float(pat), **proto), quiet=True)
                 wall = time.perf_counter() - t0
                 shutil.rmtree(work / "run")  # a float32 SmolLM2 checkpoint is 540 MB

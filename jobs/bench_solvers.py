@@ -94,7 +94,7 @@ def variants(pattern: str, exact_ok: bool, sweep: bool = True):
     nm = PATTERNS[pattern].get("nm")
     out = [("sparsegpt", "sparsegpt", {}), ("magnitude", "magnitude", {}), ("wanda", "wanda", {}),
            ("multiweight", "multiweight", {}), ("multiweight+cg", "multiweight", {"refit": "cg"}),
-           ("sparsegpt+cg", "sparsegpt", {"refit": "cg"})]
+           ("sparsegpt+cg", "sparsegpt", {"refit": "cg"}), ("admm+cg", "admm", {"refit": "cg"})]
     if exact_ok:
         out.append(("multiweight+exact", "multiweight", {"refit": "exact"}))
     if sweep and nm is None:
@@ -113,14 +113,17 @@ def geomean(xs):
 
 
 def bench(problems, patterns=tuple(PATTERNS), repeats: int = 3, exact_max_size: int = 576 * 576,
-          sweep: bool = True, log=print):
-    """Per-layer records and per-(pattern, variant) summaries (geometric means vs sparsegpt)."""
+          sweep: bool = True, log=print, only=None):
+    """Per-layer records and per-(pattern, variant) summaries (geometric means vs sparsegpt).
+    only: variant labels to run (sparsegpt, the reference, always runs)."""
     records = []
     for name, W, H in problems:
         for pat in patterns:
             exact_ok = W.numel() <= exact_max_size
             base = None
             for label, method, opts in variants(pat, exact_ok, sweep):
+                if only and label not in only and label != "sparsegpt":
+                    continue
                 # the two timings every ratio hangs on get repeats; CPU time on one thread is
                 # steady enough for the rest with one run each
                 n = repeats if label in ("sparsegpt", "multiweight") else 1
@@ -180,6 +183,8 @@ def main(argv=None) -> int:
     ap.add_argument("--exact-max-size", type=int, default=576 * 576,
                     help="run the exact refit (O(r·c³)) only on layers with at most this many weights")
     ap.add_argument("--no-sweep", action="store_true", help="skip group-size and mask-rule sweeps")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="run only these variants (labels as in the table, e.g. multiweight+cg admm+cg)")
     ap.add_argument("--out", type=Path, default=None, help="folder for results.json")
     args = ap.parse_args(argv)
     if args.threads:
@@ -189,7 +194,7 @@ def main(argv=None) -> int:
     print(f"{len(problems)} layers, Hessians from {args.windows} x {args.seqlen} tokens "
           f"({time.time() - t0:.0f} s); torch threads {torch.get_num_threads()}", flush=True)
     records, summary = bench(problems, args.patterns, args.repeats, args.exact_max_size,
-                             not args.no_sweep, log=lambda s: print(s, flush=True))
+                             not args.no_sweep, log=lambda s: print(s, flush=True), only=args.variants)
     print()
     print("error tr(ΔW H ΔWᵀ), CPU time and wall time relative to sparsegpt; geometric mean over "
           f"layers ({len(problems)}; n= where fewer); sparsegpt and multiweight times are medians of "

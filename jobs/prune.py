@@ -42,11 +42,13 @@ def parser(prog: str = "python -m jobs.prune") -> argparse.ArgumentParser:
     p.add_argument("--model", help="HF folder (safetensors) or .gguf file; default: built-in SmolLM2-135M")
     p.add_argument("--out", help="output folder or URI (s3://, gs://...); default: out/<model>-<method>-<pattern>, "
                    "then every other option that changes the result (see README)")
-    p.add_argument("--method", default="multiweight", help="multiweight | sparsegpt | wanda | magnitude")
+    p.add_argument("--method", default="multiweight", help="multiweight | sparsegpt | wanda | magnitude | admm (mask search from multiweight's, refitted)")
     pat = p.add_mutually_exclusive_group()
     pat.add_argument("--sparsity", type=float, default=None, help="unstructured sparsity in (0, 1); default 0.5")
     pat.add_argument("--nm", type=_nm, default=None, help="N:M semi-structured pattern, e.g. 2:4 or 4:8")
     p.add_argument("--refit", default="none", help="none | cg | exact: least-squares refit of the kept weights")
+    p.add_argument("--allocation", default="uniform",
+                   help="uniform | owl: sparsity per layer from its outlier ratio (unstructured only; single process)")
     p.add_argument("--group-size", type=int, default=None, help="multiweight: columns solved jointly (default 128)")
     p.add_argument("--mask-rule", default=None, help="multiweight N:M: saliency | exact (default exact)")
     p.add_argument("--calib", help="calibration data: a .txt, .jsonl/.json/.parquet/.arrow file, a datasets folder "
@@ -84,7 +86,7 @@ NAME_PARTS = {"model": ("model",), "method": ("method",), "pattern": ("sparsity"
               "calib": ("calib", "text_field"), "nsamples": ("nsamples", "device"), "seqlen": ("seqlen", "device"),
               "seed": ("seed",), "dtype": ("dtype", "device"), "batch_size": ("batch_size",),
               # the output layout is this version's, and the layer count is the model's
-              "layout": (), "n_layers": ("model",)}
+              "layout": (), "n_layers": ("model",), "allocation": ("allocation",)}
 
 
 def default_out(a) -> str:
@@ -100,6 +102,8 @@ def default_out(a) -> str:
         name.append(f"group{a.group_size}")
     if a.mask_rule is not None:
         name.append(f"mask-{a.mask_rule}")
+    if getattr(a, "allocation", "uniform") != "uniform":
+        name.append(a.allocation)
     if a.mode != "sequential":
         name.append(a.mode)
         if a.mode == "stagewise":
@@ -130,7 +134,7 @@ def config_from_args(a):
                      seqlen=a.seqlen, seed=a.seed, eval=a.eval, eval_windows=a.eval_windows,
                      eval_protocol=a.eval_protocol, text_field=a.text_field, device=a.device,
                      dtype=a.dtype, batch_size=a.batch_size, mode=a.mode, stages=a.stages, address=a.address,
-                     overwrite=a.overwrite, solver_options=opts)
+                     overwrite=a.overwrite, solver_options=opts, allocation=a.allocation)
 
 
 def distributed(a) -> bool:
@@ -173,6 +177,9 @@ def main(argv=None, prog: str = "python -m jobs.prune") -> int:
             if zeroshot.parse(a.tasks):  # lm-eval there and every task known: checked before any work
                 tasks = zeroshot.resolve(zeroshot.parse(a.tasks))
         if distributed(a):
+            if cfg.allocation != "uniform":  # its dense pre-pass is wired into the single-process job only
+                raise ValueError(f"--allocation {cfg.allocation} runs in the single-process job only; "
+                                 "drop --stages/--mode/--address (and RAY_ADDRESS)")
             from actors.driver import run_distributed
             if local_ray(a):
                 # Ray 2.60 turns token authentication on and warns about it on every local start; a

@@ -34,12 +34,14 @@ class PruneSpec:
     nm: tuple[int, int] | None = None
     refit: str | None = None
     options: dict = field(default_factory=dict)  # extra solver keywords (group size, mask rule, ...)
+    module_sparsity: dict | None = None  # "layer.module" -> sparsity, overriding `sparsity` (OWL)
 
     def pattern(self) -> str:
         return f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"{self.sparsity:g}"
 
-    def kwargs(self) -> dict:
-        return dict(method=self.method, sparsity=None if self.nm else self.sparsity,
+    def kwargs(self, key: str | None = None) -> dict:
+        sparsity = (self.module_sparsity or {}).get(key, self.sparsity)
+        return dict(method=self.method, sparsity=None if self.nm else sparsity,
                     nm=tuple(self.nm) if self.nm else None, refit=self.refit, **self.options)
 
 
@@ -315,7 +317,7 @@ def accumulate_phase(layer: nn.Module, plan: Plan, k: int, batches: list[torch.T
 
 
 def prune_phase(layer: nn.Module, plan: Plan, k: int, accs: list[HessianAccumulator], spec: PruneSpec,
-                where: str = "") -> dict[str, dict]:
+                where: str = "", index: int | None = None) -> dict[str, dict]:
     reports = {}
     phase, units = plan.phases[k], plan.units
     pooled: dict[str, HessianAccumulator] = {}
@@ -330,7 +332,7 @@ def prune_phase(layer: nn.Module, plan: Plan, k: int, accs: list[HessianAccumula
         for name in g:
             u = units[name]
             try:
-                res = prune_with_info(u.weight(layer), H, **spec.kwargs())
+                res = prune_with_info(u.weight(layer), H, **spec.kwargs(f"{index}.{name}"))
             except (ValueError, RuntimeError, FloatingPointError) as e:  # say which matrix failed
                 raise type(e)(f"{where}{name}: {e}") from e
             u.set(layer, res.weight)
@@ -459,7 +461,7 @@ class SliceRunner:
                     accs = o.early
                 else:
                     accs = accumulate_phase(layer, plan, k, hess_src, calls, i)
-                mod_reports.update(prune_phase(layer, plan, k, accs, self.spec, f"layer {i} "))
+                mod_reports.update(prune_phase(layer, plan, k, accs, self.spec, f"layer {i} ", i))
                 del accs
             report = {"layer": i, "groups": [g for ph in plan.phases for g in ph], "modules": mod_reports,
                       **layer_sparsity(layer, plan)}

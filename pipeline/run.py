@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from . import assets, data, determinism, loading
+from . import allocation, assets, data, determinism, loading
 from .calibrate import PruneSpec, SliceRunner, Trunk
 from .checkpoint import OutputDir
 from .models.generic import candidates
 
-METHODS = ("multiweight", "sparsegpt", "wanda", "magnitude")
+METHODS = ("multiweight", "sparsegpt", "wanda", "magnitude", "admm")
 MODES = ("sequential", "stagewise", "dense")
 
 
@@ -52,6 +52,7 @@ class RunConfig:
     address: str | None = None
     overwrite: bool = False
     solver_options: dict = field(default_factory=dict)
+    allocation: str = "uniform"       # sparsity per layer: uniform or owl (pipeline/allocation.py)
 
     def validate(self) -> "RunConfig":
         """Check the options that need no machine facts; every problem is one ConfigError."""
@@ -68,6 +69,10 @@ class RunConfig:
             self.sparsity = None
         elif self.sparsity is None or not (0 < self.sparsity < 1):
             raise ConfigError(f"sparsity must be in (0, 1), got {self.sparsity}")
+        if self.allocation not in allocation.ALLOCATIONS:
+            raise ConfigError(f"unknown allocation {self.allocation!r}; choose uniform or owl")
+        if self.allocation == "owl" and self.nm is not None:
+            raise ConfigError("--allocation owl needs unstructured --sparsity, not an N:M pattern")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -191,7 +196,9 @@ def fingerprint(p: Prepared, partition: list[list[int]] | None = None) -> dict:
             "partition": partition if c.mode == "stagewise" else None,
             # the output layout: shard names carry the layer count (checkpoint.shard_name); an
             # output of the older layout (shards under layers/) is a different run, never resumed into
-            "layout": "top-level shards", "n_layers": sum(map(len, partition)) if partition else None}
+            "layout": "top-level shards", "n_layers": sum(map(len, partition)) if partition else None,
+            # only when set, so that fingerprints of uniform runs stay what they were
+            **({"allocation": c.allocation} if c.allocation != "uniform" else {})}
 
 
 def perplexity(nll: float, count: int) -> float:
@@ -321,6 +328,11 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict:
         if status == "resume":
             progress.note(f"resuming in {cfg.out}: {len(out.committed())} of {trunk.n_layers} layers already done")
         calib_hidden, calls = trunk.embed(data.batches(p.calib, cfg.batch_size))
+        plan = None
+        if cfg.allocation == "owl":  # one pass of the calibration batches through the dense layers
+            progress.note("OWL: one dense pass for the layers' outlier ratios")
+            plan = allocation.owl_plan(trunk, calib_hidden, calls, cfg.sparsity)
+            p.spec.module_sparsity = plan["module_sparsity"]
         hessians_from = "calib_dense" if cfg.mode == "dense" else "calib"
         runner = SliceRunner(trunk, list(range(trunk.n_layers)), p.spec, calls, hessians_from, out, progress)
         for b in calib_hidden:
@@ -344,8 +356,9 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict:
             ppl = {"dense": perplexity(*_nll(trunk, runner.streams["eval_dense"], eval_ids, "dense", progress)),
                    "pruned": perplexity(*_nll(trunk, runner.streams["eval_pruned"], eval_ids, "pruned", progress))}
         progress.note(f"writing the rest of the checkpoint (embeddings, head, index, report) to {cfg.out}")
-        return finish(p, out, trunk, reports, ppl, time.perf_counter() - t0,
-                      {"stages": 1, "layers_solved": runner.solved,
-                       "determinism": determinism.facts(cfg.device)})
+        extra = {"stages": 1, "layers_solved": runner.solved, "determinism": determinism.facts(cfg.device)}
+        if plan is not None:
+            extra["allocation"] = {k: v for k, v in plan.items() if k != "module_sparsity"}
+        return finish(p, out, trunk, reports, ppl, time.perf_counter() - t0, extra)
     finally:
         out.release()

@@ -216,7 +216,7 @@ def test_name_parts_cover_the_fingerprint(tiny_model, short_texts, tmp_path):
 
     cfg = config_from_args(parser().parse_args(args_for(tiny_model("llama"), short_texts, tmp_path / "o")))
     fp = fingerprint(prepare(cfg.validate()))
-    assert set(fp) == set(NAME_PARTS)
+    assert set(fp) <= set(NAME_PARTS)  # (allocation is in the fingerprint only when not uniform)
     options = {a.dest for a in parser()._actions}
     assert {o for opts in NAME_PARTS.values() for o in opts} <= options
 

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
-from . import magnitude, multiweight, refit as refit_mod, sparsegpt, wanda
+from . import admm, magnitude, multiweight, refit as refit_mod, sparsegpt, wanda
 from .common import CholeskyError, damped, error
 from .hessian import HessianAccumulator
 
 __all__ = ["prune", "prune_with_info", "PruneResult", "HessianAccumulator", "METHODS", "REFITS"]
 
 METHODS = {"magnitude": magnitude.prune, "wanda": wanda.prune, "sparsegpt": sparsegpt.prune,
-           "multiweight": multiweight.prune}
+           "multiweight": multiweight.prune, "admm": admm.prune}
 REFITS = (None, "cg", "exact")
 RETRIES = 4  # on a failed factorisation, damping x10 up to this many times
 
@@ -59,10 +59,13 @@ def prune_with_info(weight: torch.Tensor, hessian: torch.Tensor, method: str = "
     `nm=(n, m)` (n of every m consecutive inputs of each row pruned, c % m == 0), unless a fixed
     `mask` (bool r x c, True = kept) is given, in which case both may be omitted.
     method: "magnitude" (layer-wide smallest |w|), "wanda" (|w|·sqrt(H_jj) per row),
-      "sparsegpt", "multiweight" (default).
-    refit: None, "cg" (batched preconditioned CG, `refit_iters` iterations) or "exact".
+      "sparsegpt", "multiweight" (default), "admm" (mask search from the multiweight mask, always
+      refitted, never worse than multiweight + the same refit; see admm.py).
+    refit: None, "cg" (batched preconditioned CG, `refit_iters` iterations) or "exact"; for admm
+      None means "cg" (its masks are only scored refitted).
     percdamp: λ = percdamp · mean(diag H); a failed Cholesky retries with percdamp x10.
-    blocksize (sparsegpt, multiweight; default 128), group and mask_rule (multiweight): group size
+    blocksize (sparsegpt, multiweight, admm; default 128), group and mask_rule (multiweight and
+      admm's warm start): group size
       (default multiweight.GROUP, or multiweight.NM_GROUP for N:M, a multiple of m) and the N:M
       mask rule ("exact" or "saliency"; default multiweight.NM_RULE).
     """
@@ -73,8 +76,11 @@ def prune_with_info(weight: torch.Tensor, hessian: torch.Tensor, method: str = "
     opts = {}
     if blocksize is not None:
         opts["blocksize"] = blocksize
-    if method == "multiweight":
+    if method in ("multiweight", "admm"):
         opts.update(group=group, mask_rule=mask_rule)
+    if method == "admm":  # it refits inside (it compares refitted masks), so not again below
+        opts.update(refit=refit or "cg", refit_iters=refit_iters)
+        refit = None
 
     _sync(dev)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -91,6 +97,8 @@ def prune_with_info(weight: torch.Tensor, hessian: torch.Tensor, method: str = "
         Hd, lam = damped(H, pd)
         try:
             # Wanda's score uses the undamped diag; the others solve with the damped H.
+            if method == "admm":  # it keeps the better of two masks, scored on the undamped H
+                opts["hessian"] = H
             W, P = METHODS[method](W0, H if method == "wanda" else Hd, sparsity, nm, pruned, **opts)
             if refit == "cg":
                 W = refit_mod.cg(W0, Hd, W, P, **({} if refit_iters is None else {"iters": refit_iters}))
@@ -107,7 +115,7 @@ def prune_with_info(weight: torch.Tensor, hessian: torch.Tensor, method: str = "
     _sync(dev)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     err = error(W, weight.detach(), hessian.to(dev))
-    return PruneResult(W, ~P, err, lam, pd, seconds, cpu, method, pattern, refit)
+    return PruneResult(W, ~P, err, lam, pd, seconds, cpu, method, pattern, opts.get("refit", refit))
 
 
 def _sync(dev):
@@ -170,11 +178,11 @@ def _validate(weight, hessian, method, sparsity, nm, refit, mask, percdamp, bloc
     for name, v in (("blocksize", blocksize), ("group", group), ("refit_iters", refit_iters)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if blocksize is not None and method not in ("sparsegpt", "multiweight"):
+    if blocksize is not None and method not in ("sparsegpt", "multiweight", "admm"):
         raise ValueError(f"blocksize={blocksize!r} does not apply to method {method!r}")
-    if (group is not None or mask_rule is not None) and method != "multiweight":
+    if (group is not None or mask_rule is not None) and method not in ("multiweight", "admm"):
         raise ValueError(f"group/mask_rule (group={group!r}, mask_rule={mask_rule!r}) apply only "
-                         f"to method 'multiweight', not {method!r}")
+                         f"to methods 'multiweight' and 'admm', not {method!r}")
     if mask_rule is not None and mask_rule not in multiweight.RULES:
         raise ValueError(f"unknown mask_rule {mask_rule!r}; choose one of {multiweight.RULES}")
     if mask_rule == "exact" and nm is not None and math.comb(nm[1], nm[0]) > multiweight.MAX_PATTERNS:
@@ -182,6 +190,6 @@ def _validate(weight, hessian, method, sparsity, nm, refit, mask, percdamp, bloc
                          f"is more than {multiweight.MAX_PATTERNS}; use mask_rule='saliency'")
     if nm is not None and mask is None and group is not None and group % nm[1]:
         raise ValueError(f"group={group} with nm={tuple(nm)}: an N:M group must be a multiple of m")
-    if refit_iters is not None and refit != "cg":
+    if refit_iters is not None and refit != "cg" and not (method == "admm" and refit is None):
         raise ValueError(f"refit_iters={refit_iters!r} needs refit='cg', got refit={refit!r}")
     return r, c, pattern
