@@ -41,5 +41,6 @@ def test_installed_command_runs():
     if not exe.exists():
         pytest.skip("mwprune not installed in this environment (pip install -e .)")
     r = subprocess.run([str(exe), "--method", "obs"], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: unknown method 'obs'; choose one of "
-                                                                    "multiweight, sparsegpt, wanda, magnitude"]
+    from pipeline.run import METHODS
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: unknown method 'obs'; choose one of "
+                                                                    f"{', '.join(METHODS)}"]
