@@ -147,6 +147,7 @@ class Conversion:
                 c = by_pattern[pattern]
                 self.sources[key] = [target.replace(c.target_patterns[0], t) for t in c.target_patterns]
         self.used = [m for m in self.mapping if m.was_used()]
+        self.targets = {t for ts in self.sources.values() for t in ts}  # every model tensor the checkpoint feeds
 
     def keys_for(self, prefix: str) -> list[str]:
         """Checkpoint keys that feed any tensor under module `prefix`."""
@@ -207,7 +208,7 @@ def load_module(model: nn.Module, files: ModelFiles, prefix: str, device, dtype:
     keys = conv.keys_for(prefix)
     fed = {t for k in keys for t in conv.sources[k]}
     for name in sorted(wanted - fed):  # a tied parameter: load the tensor it shares (head ~ embedding)
-        alt = next((a for a in aliases.get(name, []) if a in {t for ts in conv.sources.values() for t in ts}), None)
+        alt = next((a for a in aliases.get(name, []) if a in conv.targets), None)
         if alt is None:
             raise ModelFilesError(f"tensor {name} missing from the checkpoint in {files.folder}")
         keys += [k for k in conv.keys_for(alt) if alt in conv.sources[k] and k not in keys]

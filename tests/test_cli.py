@@ -146,12 +146,8 @@ def slow_model(tmp: Path, real_model_dir: Path) -> Path:
     torch.manual_seed(1)
     cfg = tf.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256, tie_word_embeddings=True)
-    d = tmp / "slow"
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
-    for f in real_model_dir.iterdir():
-        if f.name.startswith("tokenizer"):
-            shutil.copy(f, d / f.name)
-    return d
+    from tiny_models import save
+    return save(tf.AutoModelForCausalLM.from_config(cfg), tmp / "slow", real_model_dir)
 
 
 def test_killed_driver_resumes_to_the_same_result(tmp_path, short_texts, real_model_dir):

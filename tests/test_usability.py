@@ -34,20 +34,14 @@ def args_for(model, texts, out, *extra):
 def eight_layer_model(tmp: Path, real_model_dir: Path) -> Path:
     """The tiny llama with 8 layers: after it takes --out it still has 8 layers to go, ample time
     to catch it holding the lock, and resuming it is quick."""
-    import shutil
-
     import transformers as tf
     from conftest import tiny_config
+    from tiny_models import save
 
     torch.manual_seed(1)
     cfg = tiny_config("llama")
     cfg.num_hidden_layers = 8
-    d = tmp / "eight"
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
-    for f in real_model_dir.iterdir():
-        if f.name.startswith("tokenizer"):
-            shutil.copy(f, d / f.name)
-    return d
+    return save(tf.AutoModelForCausalLM.from_config(cfg), tmp / "eight", real_model_dir)
 
 
 # --- two writers -----------------------------------------------------------------------------

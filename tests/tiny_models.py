@@ -99,8 +99,13 @@ def write(arch: str, folder: Path, tokenizer_dir: Path) -> Path:
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # a router bias that changes routing
                 buf.copy_(torch.linspace(-1, 1, buf.numel()))
+    return save(model, folder, tokenizer_dir)
+
+
+def save(model, folder: Path, tokenizer_dir: Path) -> Path:
+    """`save_pretrained` plus SmolLM2's tokenizer files: a model folder the job can read."""
     model.save_pretrained(folder)
     for f in Path(tokenizer_dir).iterdir():
         if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
-            shutil.copy(f, folder / f.name)
-    return folder
+            shutil.copy(f, Path(folder) / f.name)
+    return Path(folder)
