@@ -9,7 +9,8 @@ store (zero-copy numpy), at most MWPRUNE_MAX_INFLIGHT transfers outstanding at a
 
 Modes (`cfg.mode`):
     sequential  stage s hands its *pruned* calibration outputs to stage s+1 after its run: every
-                layer sees the outputs of all pruned layers before it, as in one process.
+                layer sees the outputs of all pruned layers before it, as in one process. Only one
+                stage runs at a time, so every stage's device takes a share of each phase's solves.
     stagewise   each stage first forwards its *dense* outputs downstream, then prunes; inside a stage
                 layers see the pruned layers before them. All stages solve at the same time.
     dense       like stagewise, but every layer is calibrated on dense inputs.
@@ -22,6 +23,8 @@ Environment knobs (the CLI has no flags for them):
     MWPRUNE_PLACEMENT_TIMEOUT  seconds to wait for the placement group (default 60; 900 when GPUs were
                                asked for beyond those the cluster has now, for an autoscaler to add them)
     MWPRUNE_STAGE_CPUS         CPUs (and torch threads) per CPU stage (default: CPUs / stages)
+    MWPRUNE_SPREAD             0: in sequential mode, each stage solves its own layers alone (default 1:
+                               each phase's solves are spread over every stage, see actors.stage.StagePool)
 """
 from __future__ import annotations
 
@@ -352,7 +355,8 @@ class Driver:
             # 3. Stages start (importing torch, building skeletons) while this process tokenizes.
             if not self.quiet:  # restarted by Ray if lost; calls in flight then fail, see _drain
                 self.sink = ray.remote(num_cpus=0, max_restarts=SINK_RESTARTS, max_task_retries=0)(_Sink).remote()
-            StageActor = ray.remote(Stage)
+            # "help": a second thread per stage that solves pieces of other stages' phases (StagePool)
+            StageActor = ray.remote(concurrency_groups={"help": 1})(Stage)
             self.stages = [
                 StageActor.options(**plan.actor_options, max_restarts=0, max_task_retries=0,
                                    scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -377,6 +381,10 @@ class Driver:
             # starting up while the first one works (in sequential mode they are not needed before).
             for s in range(k):
                 self._call(s, "setup", slices[s], p.spec, cfg.mode, out_uri, dtype, p.cfg.device, self.sink)
+            spreading = cfg.mode == "sequential" and k > 1 and os.environ.get("MWPRUNE_SPREAD", "1") != "0"
+            if spreading:  # the other stages wait anyway in this mode: they share each phase's solves
+                for s in range(k):
+                    self._call(s, "set_peers", self.stages)
             self.progress.note(f"{k} stage{'s' if k > 1 else ''} ({cfg.mode}): layers "
                                + " | ".join(f"{sl[0]}-{sl[-1]}" for sl in slices))
 
@@ -386,7 +394,7 @@ class Driver:
             # 5. Facts, timeline, and everything outside the decoder layers.
             facts = [self._get(self._call(s, "facts")) for s in range(k)]
             wall = time.perf_counter() - t0
-            extra = {"stages": k, "layers_solved": solved,
+            extra = {"stages": k, "layers_solved": solved, "solves_spread": spreading,
                      "determinism": determinism.facts(p.cfg.device, [f["torch_threads"] for f in facts]),
                      "pipeline": {"mode": cfg.mode, "partition": slices, "placement": plan.strategy,
                                   "bundle": plan.bundle, "max_inflight": self.max_inflight,

@@ -35,9 +35,12 @@ import time
 import numpy as np
 import torch
 
-from pipeline import data, loading
+import ray
+
+from pipeline import data, loading, spread
 from pipeline.calibrate import PruneSpec, SliceRunner, Trunk
 from pipeline.checkpoint import OutputDir
+from pipeline.solvers import PruneResult, prune_with_info
 
 STREAMS = ("calib", "eval_dense", "eval_pruned")
 
@@ -135,6 +138,73 @@ def stage_device(requested: str) -> str:
     return "cuda" if requested != "cpu" and torch.cuda.is_available() else "cpu"
 
 
+# -- solves spread over every stage ----------------------------------------------------------------
+def _pack_result(r: PruneResult) -> tuple:
+    return (pack(r.weight), pack(r.mask), r.error, r.damping, r.percdamp, r.seconds, r.cpu_seconds, r.method,
+            r.pattern, r.refit)
+
+
+def _unpack_result(t: tuple, device) -> PruneResult:
+    w, m, *rest = t
+    return PruneResult(unpack(w, device), unpack(m, device), *rest)
+
+
+class StagePool:
+    """A phase's solves spread over this stage and its peers (`pipeline.spread` decides the pieces).
+
+    The peers run `Stage.help` in their own "help" thread, so they answer while their main thread
+    waits for batches (sequential mode) or accumulates its first Hessian as batches arrive. Each
+    helper gets one call per phase: the phase's Hessians it needs, once, and its rows. The caller
+    solves its own share meanwhile, then gathers. A helper that is lost (its process or node died)
+    or fails has its share solved here again, so no row is ever taken from a failed solve; the
+    driver then sees the lost stage and restarts from the commits as for any lost stage."""
+
+    def __init__(self, index: int, peers: list, device):
+        self.index, self.peers, self.device = index, list(peers), device
+        self.lost: set[int] = set()
+        self.helped = 0  # pieces solved by peers
+
+    @property
+    def workers(self) -> int:
+        return 1 + len(self.peers) - len(self.lost)
+
+    def solve(self, items: list[tuple]) -> list[PruneResult]:
+        helpers = [j for j in range(len(self.peers)) if j not in self.lost]
+        shares = spread.assign([tuple(W.shape) for W, _, _ in items], [kw for _, _, kw in items], 1 + len(helpers))
+        calls = []
+        for peer, share in zip(helpers, shares[1:]):
+            if not share:
+                continue
+            hs: dict[int, int] = {}  # id of an item's H -> its index in this call
+            for p in share:
+                hs.setdefault(id(items[p.item][1]), p.item)
+            order = list(hs)
+            payload = [(order.index(id(items[p.item][1])), pack(items[p.item][0][p.rows[0]:p.rows[1]]),
+                        _wire(items[p.item][2], p.rows)) for p in share]
+            ref = self.peers[peer].help.remote([pack(items[hs[h]][1]) for h in order], payload)
+            calls.append((peer, share, ref))
+        pieces, results = list(shares[0]), spread.solve_here(items, shares[0])
+        for peer, share, ref in calls:
+            try:
+                got = [_unpack_result(t, self.device) for t in ray.get(ref)]
+                self.helped += len(share)
+            except ray.exceptions.RayError as e:
+                from .driver import _is_loss
+                if _is_loss(e):
+                    self.lost.add(peer)
+                got = spread.solve_here(items, share)  # an error of the solve itself is raised here, named
+            pieces += share
+            results += got
+        return spread.merge(items, pieces, results, spread.resolver(items))
+
+
+def _wire(kw: dict, rows: tuple[int, int]) -> dict:
+    """A piece's solver options for the trip: a fixed mask cut to its rows, as numpy."""
+    if kw.get("mask") is None:
+        return kw
+    return dict(kw, mask=pack(kw["mask"][rows[0]:rows[1]]))
+
+
 class Stage:
     """Decoder layers `layer_ids` of the model in `folder`; see the module docstring."""
 
@@ -150,6 +220,9 @@ class Stage:
         self.failed: BaseException | None = None
         self.t_ready = time.time()
         self.base_rss_mb = current_rss_mb()
+        self.pool: StagePool | None = None
+        self.help_events: list[tuple[str, float, float]] = []  # from the "help" thread
+        self.help_busy = 0.0
 
     def ready(self) -> dict:
         """What torch sees here; the driver resolves its configuration for this device."""
@@ -224,7 +297,7 @@ class Stage:
 
     def _runner(self, store=True) -> SliceRunner:
         return SliceRunner(self.trunk, self.layer_ids, self.spec, self.kwargs, self.hf,
-                           self.store if store else None, self._on_layer)
+                           self.store if store else None, self._on_layer, pool=self.pool if store else None)
 
     def _receive(self, stream: str, t: torch.Tensor) -> None:
         if stream == "eval_pruned":
@@ -241,6 +314,29 @@ class Stage:
             self.inbox[stream].append(t)
 
     # -- what the driver calls -----------------------------------------------------------------
+    def set_peers(self, stages: list) -> None:
+        """The other stages, to spread this stage's solves over (sequential mode)."""
+        self.pool = StagePool(self.index, [a for j, a in enumerate(stages) if j != self.index], self.device)
+
+    @ray.method(concurrency_group="help")
+    def help(self, hessians: list, payload: list) -> list:
+        """Solve pieces of another stage's phase (its own thread: see StagePool). Results travel back
+        as numpy; nothing is kept here."""
+        t0 = time.time()
+        try:
+            torch.set_num_threads(torch.get_num_threads())  # this thread's OpenMP setting, as the stage's
+            H = [unpack(h, self.device) for h in hessians]
+            out = []
+            for h, w, kw in payload:
+                if kw.get("mask") is not None:
+                    kw = dict(kw, mask=unpack(kw["mask"], self.device))
+                out.append(_pack_result(prune_with_info(unpack(w, self.device), H[h], **kw)))
+            return out
+        finally:
+            t1 = time.time()
+            self.help_busy += t1 - t0
+            self.help_events.append(("help", t0, t1))
+
     def embed(self, calib_ids: np.ndarray, eval_ids: np.ndarray | None, batch_size: int):
         """First stage: hidden states entering layer 0 for every stream; returns the per-layer
         keyword arguments (on CPU) for the other stages."""
@@ -334,15 +430,18 @@ class Stage:
         import ray
 
         now = time.time()
-        last = max(e[2] for e in self.events)
+        events = sorted(self.events + self.help_events, key=lambda e: e[1])
+        last = max(e[2] for e in events)
         out = {"stage": self.index, "layers": self.layer_ids, "device": self.device, "pid": os.getpid(),
                "node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
                "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()], "torch_threads": torch.get_num_threads(),
-               "busy_s": round(self.busy, 3), "idle_s": round(max(0.0, last - self.t_ready - self.busy), 3),
+               "busy_s": round(self.busy + self.help_busy, 3), "help_s": round(self.help_busy, 3),
+               "helped_pieces": self.pool.helped if self.pool else 0,
+               "idle_s": round(max(0.0, last - self.t_ready - self.busy - self.help_busy), 3),
                "init_s": round(self.t_ready - self.events[0][1], 3),
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "base_rss_mb": self.base_rss_mb, "rss_now_mb": current_rss_mb(), "heap_capped": self.heap_capped,
-               "events": [(n, round(a, 4), round(b, 4)) for n, a, b in self.events], "clock": now}
+               "events": [(n, round(a, 4), round(b, 4)) for n, a, b in events], "clock": now}
         if self.device == "cuda":
             out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         return out

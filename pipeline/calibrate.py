@@ -22,7 +22,8 @@ from torch import nn
 
 from . import loading
 from .models.generic import Plan, UnsupportedModel, WeightUses, _StopForward, call_layer, plan_layer, run_until_stop
-from .solvers import HessianAccumulator, prune_with_info
+from .solvers import HessianAccumulator
+from .spread import LocalPool
 
 STREAMS = ("calib", "calib_dense", "eval_dense", "eval_pruned")
 
@@ -317,36 +318,44 @@ def accumulate_phase(layer: nn.Module, plan: Plan, k: int, batches: list[torch.T
 
 
 def prune_phase(layer: nn.Module, plan: Plan, k: int, accs: list[HessianAccumulator], spec: PruneSpec,
-                where: str = "", index: int | None = None) -> dict[str, dict]:
-    reports = {}
+                where: str = "", index: int | None = None, pool=None) -> dict[str, dict]:
+    """Solve phase k's matrices with their groups' Hessians and write them into `layer`.
+
+    pool: who solves (`spread.LocalPool`, the default, solves here one by one; a Ray stage passes a
+    pool that spreads the phase's solves over every stage's device)."""
     phase, units = plan.phases[k], plan.units
     pooled: dict[str, HessianAccumulator] = {}
     if plan.expert_phase[k]:  # the fallback for experts that got too few tokens
         for g, acc in zip(phase, accs):
             key = units[g[0]].param
             pooled.setdefault(key, HessianAccumulator(acc.columns, device=acc.hessian.device)).merge(acc)
+    todo = []  # (name, accumulator its tokens came from, fallback source or None)
     for g, acc in zip(phase, accs):
         fallback = plan.expert_phase[k] and acc.count < MIN_EXPERT_TOKENS
         src = pooled[units[g[0]].param] if fallback else acc
-        H = src.hessian
-        for name in g:
-            u = units[name]
-            try:
-                res = prune_with_info(u.weight(layer), H, **spec.kwargs(f"{index}.{name}"))
-            except (ValueError, RuntimeError, FloatingPointError) as e:  # say which matrix failed
-                raise type(e)(f"{where}{name}: {e}") from e
-            u.set(layer, res.weight)
-            w = res.weight
-            reports[name] = {"shape": list(w.shape), "sparsity": (w == 0).float().mean().item(),
-                             "error": res.error, "damping": res.damping, "seconds": res.seconds,
-                             "tokens": acc.count}
-            reports[name]["param"] = u.param  # where it lives in the layer (as transformers loads it)
-            if u.expert is not None:
-                reports[name]["expert"] = u.expert
-            if u.transposed:
-                reports[name]["transposed"] = True  # stored (inputs, outputs): Conv1D, x @ W experts
-            if fallback:
-                reports[name]["fallback"] = f"pooled Hessian ({src.count} tokens): fewer than {MIN_EXPERT_TOKENS} routed"
+        todo += [(name, acc, src if fallback else None) for name in g]
+    items = [(units[name].weight(layer), (fb or acc).hessian, spec.kwargs(f"{index}.{name}")) for name, acc, fb in todo]
+    try:
+        results = (pool or LocalPool()).solve(items)
+    except (ValueError, RuntimeError, FloatingPointError) as e:  # say which matrix failed
+        name = getattr(e, "item", None)
+        label = todo[name][0] if isinstance(name, int) else "/".join(t[0] for t in todo)
+        raise type(e)(f"{where}{label}: {e}") from e
+    reports = {}
+    for (name, acc, fb), res in zip(todo, results):
+        u = units[name]
+        u.set(layer, res.weight)
+        w = res.weight
+        reports[name] = {"shape": list(w.shape), "sparsity": (w == 0).float().mean().item(),
+                         "error": res.error, "damping": res.damping, "seconds": res.seconds,
+                         "tokens": acc.count}
+        reports[name]["param"] = u.param  # where it lives in the layer (as transformers loads it)
+        if u.expert is not None:
+            reports[name]["expert"] = u.expert
+        if u.transposed:
+            reports[name]["transposed"] = True  # stored (inputs, outputs): Conv1D, x @ W experts
+        if fb is not None:
+            reports[name]["fallback"] = f"pooled Hessian ({fb.count} tokens): fewer than {MIN_EXPERT_TOKENS} routed"
     return reports
 
 
@@ -367,14 +376,15 @@ class SliceRunner:
     store: an OutputDir (or None): finished layers are committed there, and layers already
     committed are loaded from it instead of being solved again.
     calls: per batch shape, each layer's call arguments (`Trunk.embed`).
+    pool: who solves each phase's matrices (see `prune_phase`); None: here, one by one.
     """
 
     def __init__(self, trunk: Trunk, layer_ids: list[int], spec: PruneSpec, calls: dict,
-                 hessians_from: str = "calib", store=None, on_layer=None):
+                 hessians_from: str = "calib", store=None, on_layer=None, pool=None):
         if hessians_from not in ("calib", "calib_dense"):
             raise ValueError(f"hessians_from must be 'calib' or 'calib_dense', got {hessians_from!r}")
         self.trunk, self.layer_ids, self.spec, self.calls = trunk, list(layer_ids), spec, calls
-        self.hessians_from, self.store, self.on_layer = hessians_from, store, on_layer
+        self.hessians_from, self.store, self.on_layer, self.pool = hessians_from, store, on_layer, pool
         self.streams: dict[str, list[torch.Tensor]] = {s: [] for s in STREAMS}
         self.active: set[str] = set()
         self.reports: list[dict] = []
@@ -461,7 +471,7 @@ class SliceRunner:
                     accs = o.early
                 else:
                     accs = accumulate_phase(layer, plan, k, hess_src, calls, i)
-                mod_reports.update(prune_phase(layer, plan, k, accs, self.spec, f"layer {i} ", i))
+                mod_reports.update(prune_phase(layer, plan, k, accs, self.spec, f"layer {i} ", i, self.pool))
                 del accs
             report = {"layer": i, "groups": [g for ph in plan.phases for g in ph], "modules": mod_reports,
                       **layer_sparsity(layer, plan)}

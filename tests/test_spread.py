@@ -1,0 +1,120 @@
+"""Spreading a phase's solves over workers (pipeline/spread.py), without Ray: pieces cover every row
+of every item once, only row-separable items are cut, and merged results equal the item-by-item
+solves (bit for bit for whole items; within float32 reassociation for cut ones)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import spread
+from pipeline.solvers import prune_with_info
+
+
+def problem(r, c, seed, tokens=None):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(tokens or 4 * c, c, generator=g) @ (torch.eye(c) + 0.3 * torch.randn(c, c, generator=g))
+    return torch.randn(r, c, generator=g), X.T @ X / X.shape[0]
+
+
+class SplitPool:
+    """n workers, all in this process: the same assign / solve / merge path as the stages' pool."""
+
+    def __init__(self, n, fail=()):
+        self.workers, self.fail = n, set(fail)
+
+    def solve(self, items):
+        shares = spread.assign([tuple(W.shape) for W, _, _ in items], [kw for *_, kw in items], self.workers)
+        pieces, results = [], []
+        for j, share in enumerate(shares):
+            pieces += share
+            results += spread.solve_here(items, share)
+        return spread.merge(items, pieces, results, spread.resolver(items))
+
+
+def kws(method, pattern, refit=None):
+    kw = dict(method=method, refit=refit)
+    kw.update(nm=(2, 4), sparsity=None) if pattern == "2:4" else kw.update(sparsity=0.5, nm=None)
+    return kw
+
+
+def test_pieces_cover_every_row_once_and_only_separable_items_are_cut():
+    shapes = [(96, 64), (32, 64), (32, 64), (200, 128)]
+    for n in (1, 2, 3):
+        for pattern in ("0.5", "2:4"):
+            for method in ("sparsegpt", "multiweight", "wanda", "magnitude", "admm"):
+                kw = kws(method, pattern)
+                shares = spread.assign(shapes, [kw] * len(shapes), n)
+                assert len(shares) == n
+                seen = {i: [] for i in range(len(shapes))}
+                for share in shares:
+                    for p in share:
+                        seen[p.item].append(p.rows)
+                for i, (r, _) in enumerate(shapes):
+                    rows = sorted(seen[i])
+                    assert rows[0][0] == 0 and rows[-1][1] == r
+                    assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))  # contiguous, no overlap
+                    if len(rows) > 1:
+                        assert spread.row_separable(kw) and n > 1
+                if not spread.row_separable(kw):  # whole items, balanced largest first
+                    assert all(len(seen[i]) == 1 for i in seen)
+
+
+def test_whole_items_are_balanced_largest_first():
+    shapes = [(576, 576), (192, 576), (192, 576)]  # q, k, v of SmolLM2
+    shares = spread.assign(shapes, [kws("multiweight", "0.5")] * 3, 2)
+    assert [sorted(p.item for p in s) for s in shares] == [[0], [1, 2]]
+    many = [(64, 32)] * 16  # experts: never cut, spread evenly
+    shares = spread.assign(many, [kws("multiweight", "2:4")] * 16, 2)
+    assert [len(s) for s in shares] == [8, 8] and all(p.rows == (0, 64) for s in shares for p in s)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "multiweight", "wanda", "magnitude"])
+@pytest.mark.parametrize("pattern", ["0.5", "2:4"])
+@pytest.mark.parametrize("refit", [None, "cg"])
+def test_spread_equals_item_by_item(method, pattern, refit):
+    """Whole items: bit-identical (the same computation). Cut items (N:M, Wanda): rows see the same
+    arithmetic except BLAS blocking over fewer rows and the refit's early stop per piece; float32
+    reassociation of that kind moves weights by ~1e-7 relative, so 1e-5 x max |W| is a wide margin
+    that still fails for any wrong row, mask or update."""
+    torch.manual_seed(0)
+    items = []
+    for j, (r, c) in enumerate([(48, 32), (16, 32), (16, 32)]):
+        W, H = problem(r, c, seed=j)
+        items.append((W, H, kws(method, pattern, refit)))
+    ref = spread.LocalPool().solve(items)
+    for n in (2, 3):
+        got = SplitPool(n).solve(items)
+        for a, b in zip(ref, got):
+            assert torch.equal(a.mask, b.mask)
+            if not spread.row_separable(items[0][2]):
+                assert torch.equal(a.weight, b.weight)
+            assert (a.weight - b.weight).abs().max() <= 1e-5 * a.weight.abs().max()
+            assert b.error == pytest.approx(a.error, rel=1e-5)
+
+
+def test_a_raised_damping_is_applied_to_every_piece_of_the_item():
+    """A piece whose factorisation needed more damping: the item's other pieces are solved again at
+    that damping, which is what the whole item gets in one process."""
+    W, H = problem(8, 16, seed=3)
+    items = [(W, H, kws("multiweight", "2:4"))]
+    pieces = [spread.Piece(0, (0, 4), 1.0), spread.Piece(0, (4, 8), 1.0)]
+    res = [spread.solve_piece(W, H, items[0][2], p.rows) for p in pieces]
+    raised = spread.solve_piece(W, H, dict(items[0][2], percdamp=0.1), (4, 8))
+    calls = []
+
+    def resolve(p, pd):
+        calls.append((p.rows, pd))
+        return spread.resolver(items)(p, pd)
+    got = spread.merge(items, pieces, [res[0], raised], resolve)[0]
+    assert calls == [((0, 4), 0.1)]
+    whole = prune_with_info(W, H, **dict(items[0][2], percdamp=0.1))
+    assert got.percdamp == 0.1
+    assert (got.weight - whole.weight).abs().max() <= 1e-5 * whole.weight.abs().max()
+
+
+def test_a_failing_solve_names_its_item():
+    W, H = problem(8, 16, seed=4)
+    items = [(W, H, kws("multiweight", "0.5")), (W, H, dict(kws("multiweight", "0.5"), sparsity=1.5))]
+    with pytest.raises(ValueError) as e:
+        spread.LocalPool().solve(items)
+    assert e.value.item == 1
