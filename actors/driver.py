@@ -511,7 +511,8 @@ def timeline_png(facts: list[dict], title: str) -> bytes | None:
     except ImportError:
         return None
     colors = {"init": "#bbbbbb", "warm": "#dddddd", "embed": "#8c564b", "push": "#1f77b4", "dense": "#2ca02c", "run": "#d62728",
-              "take": "#17becf", "post": "#9467bd", "nll": "#ff7f0e", "setup": "#7f7f7f"}
+              "take": "#17becf", "post": "#9467bd", "nll": "#ff7f0e", "setup": "#7f7f7f",
+              "help": "#e377c2"}
     t_start = min(e[1] for f in facts for e in f["events"])
     fig, ax = plt.subplots(figsize=(10, 1.0 + 0.6 * len(facts)))
     for f in facts:

@@ -26,6 +26,12 @@ largest K of each mode to timeline_<mode>.png next to it.
              --threads-max, at each --thread-calibs calibration (default 16 x 512 and 4 x 128):
              bit-identity, mask agreement overall and in layer 0, perplexity; with --unpinned also
              as before the solvers pinned their Cholesky factorisations to one thread
+    spread   the exact (sequential) mode with each phase's solves spread over every stage, against
+             the single-process job (one thread each) and against sequential stages that solve
+             alone (MWPRUNE_SPREAD=0): --spread-method + --spread-refit at --spread-pattern (default
+             multiweight + cg at 2:4, a solve-heavy run) for K in --spread-stages; wall time, busy %
+             per stage, perplexity, and how far the weights are from the single process's
+             (max |dW| / max |W| over every matrix). Target: >= 1.6x at K = 2 on a 2-core machine.
 """
 from __future__ import annotations
 
@@ -63,6 +69,10 @@ def parse(argv=None):
     p.add_argument("--memory-stages", type=int, default=6)
     p.add_argument("--thread-calibs", default="16x512,4x128", help="nsamples x seqlen for the thread check")
     p.add_argument("--threads-max", type=int, default=2)
+    p.add_argument("--spread-method", default="multiweight")
+    p.add_argument("--spread-pattern", default="2:4", help="N:M like 2:4, or an unstructured sparsity like 0.5")
+    p.add_argument("--spread-refit", default="cg")
+    p.add_argument("--spread-stages", default="2,3")
     p.add_argument("--unpinned", action="store_true",
                    help="thread check: also run without pinning the solvers' Cholesky to one thread")
     return p.parse_args(argv)
@@ -345,12 +355,101 @@ def threads(a, work: Path) -> dict:
     return {"method": a.method, "rows": rows, "table": table}
 
 
+def max_rel_diff(a_out: Path, b_out: Path) -> float:
+    """max over matrices of max |dW| / max |W| between two runs' outputs."""
+    ta, tb = _tensors(a_out), _tensors(b_out)
+    return max(float((ta[k].float() - tb[k].float()).abs().max() / ta[k].float().abs().max().clamp_min(1e-30))
+               for k in ta if ta[k].dim() >= 2)
+
+
+def spread(a, work: Path) -> dict:
+    """Sequential stages that share every phase's solves (see the module docstring)."""
+    import ray
+    import torch
+
+    from actors.driver import run_distributed
+    from pipeline.run import RunConfig, run
+
+    ks = [int(k) for k in a.spread_stages.split(",")]
+    pat = a.spread_pattern
+    nm = tuple(int(x) for x in pat.split(":")) if ":" in pat else None
+
+    def cfg(out: Path, stages):
+        return RunConfig(out=str(out), model=a.model, method=a.spread_method, nm=nm,
+                         sparsity=None if nm else float(pat), refit=None if a.spread_refit == "none" else a.spread_refit,
+                         nsamples=a.nsamples, seqlen=a.seqlen, eval_windows=a.eval_windows, batch_size=a.batch_size,
+                         mode="sequential", stages=stages).resolve()
+
+    def fresh(job, out, stages):
+        shutil.rmtree(out, ignore_errors=True)
+        return job(cfg(out, stages), quiet=True)
+
+    init_ray(a.cpus, max(ks))
+    rows = []
+    load_start = os.getloadavg()
+    old = os.environ.get("MWPRUNE_SPREAD")
+    try:
+        torch.set_num_threads(1)
+        single = work / "spread-single"
+        rep, walls = timed(a.repeats, fresh, run, single, None)
+        rows.append({"run": "single process", "stages": 1, "wall_s": statistics.median(walls), "walls": walls,
+                     "perplexity": rep["perplexity"], "max_rel_dW": 0.0})
+        print(f"single-process: {median_text(walls)}s", file=sys.stderr, flush=True)
+        for k in ks:
+            for spread_on in (False, True):
+                os.environ["MWPRUNE_SPREAD"] = "1" if spread_on else "0"
+                out = work / f"spread-{k}-{int(spread_on)}"
+                rep, walls = timed(a.repeats, fresh, run_distributed, out, k)
+                rows.append({"run": "sequential, spread" if spread_on else "sequential, alone", "stages": k,
+                             "wall_s": statistics.median(walls), "walls": walls, "perplexity": rep["perplexity"],
+                             "max_rel_dW": max_rel_diff(single, out), **stage_summary(rep),
+                             "help_s": [f.get("help_s", 0) for f in rep["pipeline"]["stage_facts"]]})
+                if spread_on and k == min(ks) and (out / "timeline.png").exists():
+                    png = Path(a.out).parent / "timeline_spread.png"
+                    png.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(out / "timeline.png", png)
+                shutil.rmtree(out, ignore_errors=True)
+                print(f"K={k} spread={spread_on}: {median_text(walls)}s", file=sys.stderr, flush=True)
+        shutil.rmtree(single, ignore_errors=True)
+    finally:
+        if old is None:
+            os.environ.pop("MWPRUNE_SPREAD", None)
+        else:
+            os.environ["MWPRUNE_SPREAD"] = old
+        ray.shutdown()
+    base = rows[0]["wall_s"]
+    lines = [f"{a.spread_method} {pat} + refit {a.spread_refit}, {a.nsamples} x {a.seqlen} calibration, "
+             f"{a.eval_windows} eval windows, {os.cpu_count()} cores, one thread per stage and for the single process", "",
+             "| run | K | wall s | pipeline s | speed-up vs single | busy % per stage | help s per stage "
+             "| ppl dense | ppl pruned | max dW / max W |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        r["speedup_vs_single"] = base / r["wall_s"]
+        busy = " / ".join(f"{100 * b:.0f}" for b in r.get("busy_fraction", [])) or "-"
+        helps = " / ".join(f"{h:.0f}" for h in r.get("help_s", [])) or "-"
+        pipe = f"{r['pipeline_s']:.1f}" if "pipeline_s" in r else "-"
+        ppl = r["perplexity"] or {}
+        lines.append(f"| {r['run']} | {r['stages']} | {median_text(r['walls'])} | {pipe} | {r['speedup_vs_single']:.2f}x | "
+                     f"{busy} | {helps} | {ppl.get('dense', float('nan')):.3f} | {ppl.get('pruned', float('nan')):.3f} | "
+                     f"{r['max_rel_dW']:.1e} |")
+    k2 = next((r for r in rows if r["stages"] == 2 and r["run"] == "sequential, spread"), None)
+    met = k2 is not None and k2["speedup_vs_single"] >= 1.6
+    lines.append(f"\ntarget: sequential, spread, K = 2 >= 1.6x the single process: "
+                 + ("not run" if k2 is None else f"{k2['speedup_vs_single']:.2f}x, {'met' if met else 'not met'}"))
+    table = "\n".join(lines)
+    print(table)
+    return {"setup": {"method": a.spread_method, "pattern": pat, "refit": a.spread_refit, "nsamples": a.nsamples,
+                      "seqlen": a.seqlen, "eval_windows": a.eval_windows, "cores": os.cpu_count(),
+                      "load_average_at_start": load_start, "load_average_at_end": os.getloadavg()},
+            "rows": rows, "table": table, "met": met}
+
+
 def main(argv=None) -> int:
     a = parse(argv)
     sections = [x for x in a.sections.split(",") if x]
-    unknown = set(sections) - {"pipeline", "memory", "threads"}
+    unknown = set(sections) - {"pipeline", "memory", "threads", "spread"}
     if unknown:
-        print(f"error: unknown section(s) {', '.join(sorted(unknown))}; choose pipeline, memory, threads", file=sys.stderr)
+        print(f"error: unknown section(s) {', '.join(sorted(unknown))}; choose pipeline, memory, threads, spread",
+              file=sys.stderr)
         return 2
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -362,6 +461,8 @@ def main(argv=None) -> int:
             result["memory"] = memory(a, work)
         if "threads" in sections:
             result["threads"] = threads(a, work)
+        if "spread" in sections:
+            result["spread"] = spread(a, work)
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -289,16 +289,19 @@ MIN_EXPERT_TOKENS = 16
 
 @torch.no_grad()
 def accumulate_phase(layer: nn.Module, plan: Plan, k: int, batches: list[torch.Tensor], calls: dict, i: int,
-                     accs: list[HessianAccumulator] | None = None) -> list[HessianAccumulator]:
-    """The Hessians of phase k's groups (one per group) over `batches`.
+                     accs: list[HessianAccumulator] | None = None,
+                     groups: list[int] | None = None) -> list[HessianAccumulator]:
+    """The Hessians of phase k's groups (one per group; only `groups`, indices into the phase, if
+    given) over `batches`.
 
     A dense phase stops the layer's forward as soon as its input is seen; an expert phase runs the
     experts (each sees exactly its routed tokens) and stops at the next dense phase's first use.
     """
     phase, units = plan.phases[k], plan.units
+    groups = list(range(len(phase))) if groups is None else groups
     if accs is None:
-        accs = [HessianAccumulator(units[g[0]].weight(layer).shape[1], device=batches[0].device) for g in phase]
-    feeds = {g[0]: j for j, g in enumerate(phase)}  # a group's input is taken at its first unit's use
+        accs = [HessianAccumulator(units[phase[j][0]].weight(layer).shape[1], device=batches[0].device) for j in groups]
+    feeds = {phase[j][0]: n for n, j in enumerate(groups)}  # a group's input is taken at its first unit's use
     where = plan.phase_of()
     expert = plan.expert_phase[k]
 
@@ -317,18 +320,81 @@ def accumulate_phase(layer: nn.Module, plan: Plan, k: int, batches: list[torch.T
     return accs
 
 
+# Expert Hessians of one phase held at once, at most (bytes; MWPRUNE_EXPERT_HESSIAN_GB overrides):
+# E x c² floats is 52 GB for DeepSeek-V3's 256 experts of 7168 inputs, so experts are calibrated
+# in chunks that fit, one forward of the layer per chunk.
+EXPERT_HESSIAN_BYTES = 4 << 30
+
+
+def expert_chunks(sizes: list[int], budget: int) -> list[list[int]]:
+    """Consecutive groups whose Hessians (`sizes` bytes each) fit `budget` together (one at least)."""
+    chunks, cur, used = [], [], 0
+    for j, b in enumerate(sizes):
+        if cur and used + b > budget:
+            chunks.append(cur)
+            cur, used = [], 0
+        cur.append(j)
+        used += b
+    return chunks + ([cur] if cur else [])
+
+
+def prune_experts(layer: nn.Module, plan: Plan, k: int, batches: list[torch.Tensor], calls: dict, i: int,
+                  spec: "PruneSpec", where: str = "", pool=None, budget: int | None = None) -> dict[str, dict]:
+    """Expert phase k, calibrated and solved chunk by chunk within `budget` bytes of Hessians.
+
+    Chunking changes nothing in the result: an expert's input does not depend on the other experts
+    of its phase, so a chunk's Hessians are the same after earlier chunks were pruned; experts below
+    the token minimum wait until every chunk has added its tokens to the pooled Hessian."""
+    import os
+    if budget is None:
+        budget = int(float(os.environ.get("MWPRUNE_EXPERT_HESSIAN_GB", EXPERT_HESSIAN_BYTES / 2**30)) * 2**30)
+    phase, units = plan.phases[k], plan.units
+    sizes = [units[g[0]].weight(layer).shape[1] ** 2 * 4 for g in phase]
+    pooled: dict[str, HessianAccumulator] = {}
+    reports: dict[str, dict] = {}
+    few: list[tuple[int, HessianAccumulator]] = []
+    for chunk in expert_chunks(sizes, budget):
+        accs = accumulate_phase(layer, plan, k, batches, calls, i, groups=chunk)
+        for j, acc in zip(chunk, accs):
+            key = units[phase[j][0]].param
+            pooled.setdefault(key, HessianAccumulator(acc.columns, device=acc.hessian.device)).merge(acc)
+        now = [(j, a) for j, a in zip(chunk, accs) if a.count >= MIN_EXPERT_TOKENS]
+        few += [(j, _Count(a.count)) for j, a in zip(chunk, accs) if a.count < MIN_EXPERT_TOKENS]
+        del accs
+        if now:
+            reports.update(prune_phase(layer, plan, k, [a for _, a in now], spec, where, i, pool,
+                                       groups=[j for j, _ in now], pooled={}))
+        del now
+    if few:
+        reports.update(prune_phase(layer, plan, k, [a for _, a in few], spec, where, i, pool,
+                                   groups=[j for j, _ in few], pooled=pooled))
+    return {name: reports[name] for g in phase for name in g}  # in the plan's order
+
+
+@dataclass
+class _Count:
+    """An expert's token count, without its Hessian (it is solved with the pooled one)."""
+    count: int
+
+
 def prune_phase(layer: nn.Module, plan: Plan, k: int, accs: list[HessianAccumulator], spec: PruneSpec,
-                where: str = "", index: int | None = None, pool=None) -> dict[str, dict]:
-    """Solve phase k's matrices with their groups' Hessians and write them into `layer`.
+                where: str = "", index: int | None = None, pool=None, groups: list[int] | None = None,
+                pooled: dict | None = None) -> dict[str, dict]:
+    """Solve phase k's matrices (only `groups`, indices into the phase, if given; `accs` follow
+    them) and write them into `layer`.
 
     pool: who solves (`spread.LocalPool`, the default, solves here one by one; a Ray stage passes a
-    pool that spreads the phase's solves over every stage's device)."""
+    pool that spreads the phase's solves over every stage's device). pooled: the experts' pooled
+    Hessians per parameter, for experts with too few tokens (default: pooled over `accs`)."""
     phase, units = plan.phases[k], plan.units
-    pooled: dict[str, HessianAccumulator] = {}
-    if plan.expert_phase[k]:  # the fallback for experts that got too few tokens
-        for g, acc in zip(phase, accs):
-            key = units[g[0]].param
-            pooled.setdefault(key, HessianAccumulator(acc.columns, device=acc.hessian.device)).merge(acc)
+    groups = list(range(len(phase))) if groups is None else groups
+    phase = [phase[j] for j in groups]
+    if pooled is None:
+        pooled = {}
+        if plan.expert_phase[k]:  # the fallback for experts that got too few tokens
+            for g, acc in zip(phase, accs):
+                key = units[g[0]].param
+                pooled.setdefault(key, HessianAccumulator(acc.columns, device=acc.hessian.device)).merge(acc)
     todo = []  # (name, accumulator its tokens came from, fallback source or None)
     for g, acc in zip(phase, accs):
         fallback = plan.expert_phase[k] and acc.count < MIN_EXPERT_TOKENS
@@ -411,7 +477,8 @@ class SliceRunner:
             if self._first is None:
                 self._first = self._open(first, batch)
             o = self._first
-            o.early = accumulate_phase(o.layer, o.plan, 0, [batch], self.calls, first, o.early)
+            if not o.plan.expert_phase[0]:  # experts are calibrated in chunks, later (prune_experts)
+                o.early = accumulate_phase(o.layer, o.plan, 0, [batch], self.calls, first, o.early)
         self.busy += time.perf_counter() - t0
 
     @torch.no_grad()
@@ -467,10 +534,11 @@ class SliceRunner:
         else:
             layer, plan, mod_reports = o.layer, o.plan, {}
             for k in range(len(plan.phases)):
-                if k == 0 and o.early is not None:
-                    accs = o.early
-                else:
-                    accs = accumulate_phase(layer, plan, k, hess_src, calls, i)
+                if plan.expert_phase[k]:
+                    mod_reports.update(prune_experts(layer, plan, k, hess_src, calls, i, self.spec, f"layer {i} ",
+                                                     self.pool))
+                    continue
+                accs = o.early if k == 0 and o.early is not None else accumulate_phase(layer, plan, k, hess_src, calls, i)
                 mod_reports.update(prune_phase(layer, plan, k, accs, self.spec, f"layer {i} ", i, self.pool))
                 del accs
             report = {"layer": i, "groups": [g for ph in plan.phases for g in ph], "modules": mod_reports,

@@ -118,3 +118,52 @@ def test_a_failing_solve_names_its_item():
     with pytest.raises(ValueError) as e:
         spread.LocalPool().solve(items)
     assert e.value.item == 1
+
+
+def test_expert_chunks_fit_the_budget():
+    from pipeline.calibrate import expert_chunks
+    assert expert_chunks([4] * 5, 8) == [[0, 1], [2, 3], [4]]
+    assert expert_chunks([10, 1, 1], 8) == [[0], [1, 2]]  # one group over budget still gets a chunk
+    assert [j for c in expert_chunks([3, 5, 2, 7, 1], 9) for j in c] == list(range(5))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_experts_in_chunks_equal_experts_at_once(arch, real_model_dir, short_texts, tmp_path, monkeypatch):
+    """Calibrating experts a few at a time (a budget of about two experts' Hessians) gives the
+    result of calibrating them all at once, bit for bit: an expert's input does not depend on the
+    other experts of its phase, and experts below the token minimum wait for the whole pooled
+    Hessian. The token minimum is raised so that some experts take that fallback."""
+    from pipeline import calibrate
+    from pipeline.run import RunConfig, run
+    from test_ray import assert_identical
+    from tiny_models import write
+
+    model = write(arch, tmp_path / "model", real_model_dir)
+
+    monkeypatch.setattr(calibrate, "MIN_EXPERT_TOKENS", 64)
+    outs, calls = {}, []
+    real = calibrate.accumulate_phase
+
+    def counting(*a, **kw):
+        calls.append(kw.get("groups"))
+        return real(*a, **kw)
+    monkeypatch.setattr(calibrate, "accumulate_phase", counting)
+    for name, gb in (("all", 100.0), ("chunks", None)):
+        if gb is None:
+            model_cfg = __import__("json").loads((model / "config.json").read_text())
+            d = model_cfg["hidden_size"]
+            gb = 2.5 * d * d * 4 / 2**30  # two gate/up experts' Hessians fit
+        monkeypatch.setenv("MWPRUNE_EXPERT_HESSIAN_GB", str(gb))
+        calls.clear()
+        rep = run(RunConfig(out=str(tmp_path / name), model=str(model), calib=str(short_texts["calib"]),
+                            eval=str(short_texts["eval"]), nsamples=4, seqlen=32, eval_windows=2, batch_size=2,
+                            method="sparsegpt").resolve(), quiet=True)
+        outs[name] = (rep, [c for c in calls if c is not None])
+    # gate/up experts (hidden-wide inputs) go two at a time; narrower down experts more
+    assert len(outs["chunks"][1]) > len(outs["all"][1])
+    experts = [m for layer in outs["all"][0]["layers"] for m in layer["modules"].values() if "expert" in m]
+    assert any("fallback" in m for m in experts) and not all("fallback" in m for m in experts), \
+        sorted(m["tokens"] for m in experts)
+    assert_identical(tmp_path / "all", tmp_path / "chunks")
+    assert outs["chunks"][0]["perplexity"] == outs["all"][0]["perplexity"]
+    assert outs["chunks"][0]["sparsity"] == outs["all"][0]["sparsity"]
