@@ -85,7 +85,7 @@ def current_rss_mb() -> float:
 
 _LIBC = None
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
-MMAP_THRESHOLD = 4 << 20  # bytes; see cap_heap
+MMAP_THRESHOLD = 8 << 20  # bytes; see cap_heap
 
 
 def _libc():
@@ -163,6 +163,8 @@ class StagePool:
         self.index, self.peers, self.device = index, list(peers), device
         self.lost: set[int] = set()
         self.helped = 0  # pieces solved by peers
+        self.local_s = 0.0  # solving this stage's own share
+        self.wait_s = 0.0   # then waiting for the peers' shares
 
     @property
     def workers(self) -> int:
@@ -183,7 +185,10 @@ class StagePool:
                         _wire(items[p.item][2], p.rows)) for p in share]
             ref = self.peers[peer].help.remote([pack(items[hs[h]][1]) for h in order], payload)
             calls.append((peer, share, ref))
+        t0 = time.perf_counter()
         pieces, results = list(shares[0]), spread.solve_here(items, shares[0])
+        t1 = time.perf_counter()
+        self.local_s += t1 - t0
         for peer, share, ref in calls:
             try:
                 got = [_unpack_result(t, self.device) for t in ray.get(ref)]
@@ -195,6 +200,7 @@ class StagePool:
                 got = spread.solve_here(items, share)  # an error of the solve itself is raised here, named
             pieces += share
             results += got
+        self.wait_s += time.perf_counter() - t1
         return spread.merge(items, pieces, results, spread.resolver(items))
 
 
@@ -437,6 +443,8 @@ class Stage:
                "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()], "torch_threads": torch.get_num_threads(),
                "busy_s": round(self.busy + self.help_busy, 3), "help_s": round(self.help_busy, 3),
                "helped_pieces": self.pool.helped if self.pool else 0,
+               "own_share_s": round(self.pool.local_s, 3) if self.pool else 0.0,
+               "waited_for_peers_s": round(self.pool.wait_s, 3) if self.pool else 0.0,
                "idle_s": round(max(0.0, last - self.t_ready - self.busy - self.help_busy), 3),
                "init_s": round(self.t_ready - self.events[0][1], 3),
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

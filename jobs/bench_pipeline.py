@@ -73,6 +73,7 @@ def parse(argv=None):
     p.add_argument("--spread-pattern", default="2:4", help="N:M like 2:4, or an unstructured sparsity like 0.5")
     p.add_argument("--spread-refit", default="cg")
     p.add_argument("--spread-stages", default="2,3")
+    p.add_argument("--spread-runs", default="alone,spread", help="which sequential runs per K: alone, spread")
     p.add_argument("--unpinned", action="store_true",
                    help="thread check: also run without pinning the solvers' Cholesky to one thread")
     return p.parse_args(argv)
@@ -396,14 +397,19 @@ def spread(a, work: Path) -> dict:
                      "perplexity": rep["perplexity"], "max_rel_dW": 0.0})
         print(f"single-process: {median_text(walls)}s", file=sys.stderr, flush=True)
         for k in ks:
-            for spread_on in (False, True):
+            for spread_on in [r == "spread" for r in a.spread_runs.split(",") if r]:
                 os.environ["MWPRUNE_SPREAD"] = "1" if spread_on else "0"
                 out = work / f"spread-{k}-{int(spread_on)}"
                 rep, walls = timed(a.repeats, fresh, run_distributed, out, k)
                 rows.append({"run": "sequential, spread" if spread_on else "sequential, alone", "stages": k,
                              "wall_s": statistics.median(walls), "walls": walls, "perplexity": rep["perplexity"],
                              "max_rel_dW": max_rel_diff(single, out), **stage_summary(rep),
-                             "help_s": [f.get("help_s", 0) for f in rep["pipeline"]["stage_facts"]]})
+                             "help_s": [f.get("help_s", 0) for f in rep["pipeline"]["stage_facts"]],
+                             "own_share_s": [f.get("own_share_s", 0) for f in rep["pipeline"]["stage_facts"]],
+                             "waited_for_peers_s": [f.get("waited_for_peers_s", 0)
+                                                    for f in rep["pipeline"]["stage_facts"]],
+                             "layer_s": sum(x["seconds"] for x in rep["layers"]),
+                             "solve_s": sum(m["seconds"] for x in rep["layers"] for m in x["modules"].values())})
                 if spread_on and k == min(ks) and (out / "timeline.png").exists():
                     png = Path(a.out).parent / "timeline_spread.png"
                     png.parent.mkdir(parents=True, exist_ok=True)
@@ -431,6 +437,11 @@ def spread(a, work: Path) -> dict:
         lines.append(f"| {r['run']} | {r['stages']} | {median_text(r['walls'])} | {pipe} | {r['speedup_vs_single']:.2f}x | "
                      f"{busy} | {helps} | {ppl.get('dense', float('nan')):.3f} | {ppl.get('pruned', float('nan')):.3f} | "
                      f"{r['max_rel_dW']:.1e} |")
+    for r in rows:
+        if "own_share_s" in r:
+            lines.append(f"\n{r['run']}, K = {r['stages']}: layers {r['layer_s']:.1f} s (solves {r['solve_s']:.1f} s of "
+                         f"solver time, all pieces); per stage: own share {r['own_share_s']} s, waited for peers "
+                         f"{r['waited_for_peers_s']} s, helped others {r['help_s']} s")
     k2 = next((r for r in rows if r["stages"] == 2 and r["run"] == "sequential, spread"), None)
     met = k2 is not None and k2["speedup_vs_single"] >= 1.6
     lines.append(f"\ntarget: sequential, spread, K = 2 >= 1.6x the single process: "
