@@ -210,3 +210,54 @@ def test_bad_allocation_options(tiny_model, short_texts, tmp_path, capsys, extra
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
     assert not out.exists()
+
+
+def _swap_gain(W0, H, W, keep, n, m, rounds=500):
+    """Relative drop of tr(ΔW H ΔWᵀ) that a swap search gets from (W, keep) at N:M: per row and
+    round, the best exchange of a kept weight j and a pruned weight i of one m-group, moving only
+    those two (w_j -> 0, w_i -> its least-squares value given the rest; exact for that move),
+    taken while it lowers the row's error."""
+    W0, H, W, keep = W0.double(), H.double(), W.double().clone(), keep.clone()
+    r, c = W.shape
+    g = c // m
+    d = H.diagonal()
+    Hb = H.view(g, m, g, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # the m x m group blocks
+    G = (W - W0) @ H  # gradient of each row's error (/2); ~0 on kept weights after a refit
+    before = float(((W - W0) * G).sum())
+    rows = torch.arange(r)
+    for _ in range(rounds):
+        w, ga, gb = W.view(r, g, m, 1), G.view(r, g, m, 1), G.view(r, g, 1, m)
+        delta = w * (d.view(g, m, 1) * w - 2 * ga) - (gb - Hb * w) ** 2 / d.view(g, 1, m)
+        k = keep.view(r, g, m)
+        delta = delta.masked_fill(~(k.unsqueeze(3) & ~k.unsqueeze(2)), math.inf).view(r, -1)
+        best, idx = delta.min(1)
+        ok = best < -1e-12 * before
+        if not bool(ok.any()):
+            break
+        rr, idx = rows[ok], idx[ok]
+        j = idx // (m * m) * m + idx // m % m
+        i = idx // (m * m) * m + idx % m
+        wj = W[rr, j]
+        t = -(G[rr, i] - H[i, j] * wj) / d[i]
+        W[rr, j], W[rr, i], keep[rr, j], keep[rr, i] = 0.0, t, False, True
+        G[rr] += -wj.unsqueeze(1) * H[j] + t.unsqueeze(1) * H[i]
+    after = float(((W - W0) * ((W - W0) @ H)).sum())
+    assert bool(((~keep).view(r, g, m).sum(2) == n).all())  # swaps keep the pattern
+    return 1 - after / before
+
+
+def test_admm_nm_result_is_a_swap_local_optimum(real):
+    """At N:M, no exchange of a kept and a pruned weight of one group (moving those two) improves
+    admm's result by more than 0.5%, while the same search improves multiweight + cg by more
+    than 0.3% (so the check can fail): a swap search after admm adds little. Measured here:
+    admm < 0.01%, multiweight + cg 0.5-2.1% (2:4, 4:8); on the 12 bench layers, swaps verified by
+    a cg refit gained < 0.2% after admm (README, Layer solvers)."""
+    from pipeline.solvers.common import damped
+    for name, W, H in real:
+        Hd, _ = damped(H, 0.01)  # the objective the solvers minimise (percdamp 0.01, the default)
+        for nm in ((2, 4), (4, 8)):
+            mw = prune_with_info(W, H, "multiweight", refit="cg", nm=nm)
+            adm = prune_with_info(W, H, "admm", refit="cg", nm=nm)
+            g_mw = _swap_gain(W, Hd, mw.weight, mw.mask, *nm)
+            g_adm = _swap_gain(W, Hd, adm.weight, adm.mask, *nm)
+            assert g_adm < 0.005 and g_mw > 0.003, (name, nm, g_adm, g_mw)
