@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipeline import solvers
-from pipeline.solvers import CholeskyError, prune_many, prune_with_info
+from pipeline.solvers import CholeskyError, many_bytes, prune_many, prune_with_info
 from test_solvers import close, problem
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "multiweight")
@@ -170,3 +170,13 @@ def test_cuda_many_equals_loop():
                 assert a.weight.device.type == "cuda" and a.percdamp == b.percdamp
                 # cuBLAS batched and single products may round differently: float32 tolerance
                 assert a.error == pytest.approx(b.error, rel=1e-3)
+
+
+def test_many_bytes_orders_the_workspace():
+    """The per-item estimate the caller chunks experts by: what each part adds, and its units."""
+    base = many_bytes(128, 256, "sparsegpt")
+    assert base == (5 * 256 * 256 + 8 * 128 * 256) * 4
+    assert many_bytes(128, 256, "sparsegpt", dtype=torch.float64) == 2 * base
+    assert many_bytes(128, 256, "magnitude") < base < many_bytes(128, 256, "multiweight")
+    assert many_bytes(128, 256, "multiweight") < many_bytes(128, 256, "multiweight", nm=(4, 8)) \
+        < many_bytes(128, 256, "multiweight", nm=(4, 8), refit="cg")

@@ -21,7 +21,7 @@ from . import admm, magnitude, multiweight, refit as refit_mod, sparsegpt, wanda
 from .common import CholeskyError, damped, damped_many, diag, error
 from .hessian import HessianAccumulator
 
-__all__ = ["prune", "prune_with_info", "prune_many", "PruneResult", "HessianAccumulator", "METHODS",
+__all__ = ["prune", "prune_with_info", "prune_many", "many_bytes", "PruneResult", "HessianAccumulator", "METHODS",
            "REFITS"]
 
 METHODS = {"magnitude": magnitude.prune, "wanda": wanda.prune, "sparsegpt": sparsegpt.prune,
@@ -142,9 +142,8 @@ def prune_many(weights, hessians, method: str = "multiweight", *, sparsity: floa
     `seconds` and `cpu_seconds` of the items solved together are the batch's time divided by the
     number of those items. Their weight and mask are views into one E x r x c tensor each.
 
-    Memory of the batched call, float32 (float64: twice): about 5·E·c² (the Hessians' copies, their
-    damped copy and the inverse factor) plus 6·E·r·c words (weights, updates, masks) at once.
-    Chunk experts to fit: the calls are independent.
+    Memory: the call holds every item's copies and workspace at once, about E · many_bytes(...)
+    beyond the inputs (chunk the items to fit; the calls are independent).
     """
     W_in = _items(weights, "weights")
     H_in = _items(hessians, "hessians")
@@ -225,6 +224,30 @@ def prune_many(weights, hessians, method: str = "multiweight", *, sparsity: floa
                     out[e] = PruneResult(W[j], ~P[j], err, lams[e], pd, seconds, cpu, method,
                                          pattern, refit)
     return [r if r is not None else alone(e) for e, r in enumerate(out)]
+
+
+def many_bytes(r: int, c: int, method: str = "multiweight", *, nm: tuple[int, int] | None = None,
+               refit: str | None = None, dtype: torch.dtype = torch.float32,
+               blocksize: int | None = None, group: int | None = None) -> int:
+    """Estimated peak workspace of prune_many per item (bytes), for choosing how many r x c items
+    (experts) to solve in one call: E items take about E times this beyond the inputs.
+
+    Counted in words of the working dtype (float32, or float64): the Hessian's copy, its damped
+    copy and up to three factors while the inverse factor is formed (5c²; 2c² for magnitude and
+    wanda, which factor nothing unless refit="exact"); weight copies, updates,
+    scores and sort indices (8rc); multiweight's padded row systems per bucket (r·b²/4, b the
+    group/block width) and, at N:M, its table of pattern inverses (c·C(m, n)·m); cg's vectors (7rc).
+    An upper bound of the peaks measured by `python -m jobs.bench_moe --memory`. admm is solved one
+    item at a time (its own workspace, not counted here)."""
+    words = (5 if method in ("sparsegpt", "multiweight") or refit == "exact" else 2) * c * c + 8 * r * c
+    if method == "multiweight":
+        b = min(blocksize or multiweight.GROUP, group or multiweight.GROUP, c)
+        words += r * b * b // 4
+        if nm is not None:
+            words += c * math.comb(nm[1], nm[0]) * nm[1]
+    if refit == "cg":
+        words += 7 * r * c
+    return words * (8 if dtype == torch.float64 else 4)
 
 
 def _items(x, name):
