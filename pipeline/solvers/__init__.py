@@ -3,6 +3,7 @@
     from pipeline.solvers import prune
     w_new = prune(weight, hessian, method="multiweight", sparsity=0.5)
     w_new = prune(weight, hessian, method="multiweight", nm=(2, 4), refit="cg")
+    results = prune_many(weights, hessians, method="sparsegpt", sparsity=0.5)  # E same-shape layers
 
 weight: r x c (rows = outputs); hessian: c x c, mean X Xᵀ / n over calibration tokens
 (see HessianAccumulator). Any float dtype and device; the work is done in float32 (float64 when
@@ -17,10 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from . import admm, magnitude, multiweight, refit as refit_mod, sparsegpt, wanda
-from .common import CholeskyError, damped, error
+from .common import CholeskyError, damped, damped_many, diag, error
 from .hessian import HessianAccumulator
 
-__all__ = ["prune", "prune_with_info", "PruneResult", "HessianAccumulator", "METHODS", "REFITS"]
+__all__ = ["prune", "prune_with_info", "prune_many", "many_bytes", "PruneResult", "HessianAccumulator", "METHODS",
+           "REFITS"]
 
 METHODS = {"magnitude": magnitude.prune, "wanda": wanda.prune, "sparsegpt": sparsegpt.prune,
            "multiweight": multiweight.prune, "admm": admm.prune}
@@ -116,6 +118,148 @@ def prune_with_info(weight: torch.Tensor, hessian: torch.Tensor, method: str = "
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     err = error(W, weight.detach(), hessian.to(dev))
     return PruneResult(W, ~P, err, lam, pd, seconds, cpu, method, pattern, opts.get("refit", refit))
+
+
+def prune_many(weights, hessians, method: str = "multiweight", *, sparsity: float | None = None,
+               nm: tuple[int, int] | None = None, refit: str | None = None, mask=None,
+               percdamp: float = 0.01, blocksize: int | None = None, group: int | None = None,
+               mask_rule: str | None = None, refit_iters: int | None = None) -> list[PruneResult]:
+    """Prune E layers of one shape, each with its own Hessian (MoE experts), in batched calls.
+
+    weights: E x r x c tensor or a list of E r x c tensors (same shape, dtype, device); hessians:
+    E x c x c or a list of c x c; mask (optional): E x r x c bool or a list. Other arguments as
+    prune_with_info. Result e is prune_with_info(weights[e], hessians[e], ...)'s: the same
+    validation (a bad item raises its ValueError, prefixed "item e: "), dead columns, damping,
+    masks, and the same `error`, `damping` and `percdamp`. Weights and masks equal the one-at-a-time
+    call's bit for bit for magnitude, wanda and sparsegpt (refit None or cg; measured on CPU, where
+    a batched product rounds as the 2-D one); multiweight and refit "exact" stack the rows of all
+    items into their row solves, padded to a common size, which rounds differently where rows
+    prune different counts (unstructured: ~1e-14 relative in float64, ~1e-6 in float32; masks
+    were equal in every test and in the benchmark's 64-expert layer).
+    An item whose Cholesky fails at the requested damping, or whose weights come out non-finite, is
+    solved alone by prune_with_info (so it retries with more damping exactly as there); a failure
+    inside the batch that cannot be traced to one item solves every item alone. admm is not
+    batched (a loop of prune_with_info).
+
+    `seconds` and `cpu_seconds` of the items solved together are the batch's time divided by the
+    number of those items. Their weight and mask are views into one E x r x c tensor each.
+
+    Memory: the call holds every item's copies and workspace at once, about E · many_bytes(...)
+    beyond the inputs (chunk the items to fit; the calls are independent).
+    """
+    W_in = _items(weights, "weights")
+    H_in = _items(hessians, "hessians")
+    M_in = None if mask is None else _items(mask, "mask")
+    E = len(W_in)
+    if len(H_in) != E or (M_in is not None and len(M_in) != E):
+        raise ValueError(f"{E} weights but {len(H_in)} hessians"
+                         + ("" if M_in is None else f" and {len(M_in)} masks"))
+    if E == 0:
+        return []
+    pattern = None
+    for e in range(E):
+        try:
+            _, _, pattern = _validate(W_in[e], H_in[e], method, sparsity, nm, refit,
+                                      None if M_in is None else M_in[e], percdamp, blocksize, group,
+                                      mask_rule, refit_iters)
+        except ValueError as err:
+            raise ValueError(f"item {e}: {err}") from err
+        if W_in[e].shape != W_in[0].shape or W_in[e].dtype != W_in[0].dtype \
+                or W_in[e].device != W_in[0].device:
+            raise ValueError(f"item {e}: weight {_desc(W_in[e])} on {W_in[e].device}, but item 0 is "
+                             f"{_desc(W_in[0])} on {W_in[0].device}; batch layers of one shape, "
+                             f"dtype and device")
+    kw = dict(sparsity=sparsity, nm=nm, refit=refit, percdamp=percdamp, blocksize=blocksize,
+              group=group, mask_rule=mask_rule, refit_iters=refit_iters)
+
+    def alone(e):
+        return prune_with_info(W_in[e], H_in[e], method, mask=None if M_in is None else M_in[e], **kw)
+
+    if method == "admm":  # its mask search keeps per-layer state (rho schedule, stopping): a loop
+        return [alone(e) for e in range(E)]
+
+    weight = W_in[0]
+    dev = weight.device
+    dtype = torch.float64 if torch.float64 in (weight.dtype, *(h.dtype for h in H_in)) else torch.float32
+    opts = {}
+    if blocksize is not None:
+        opts["blocksize"] = blocksize
+    if method == "multiweight":
+        opts.update(group=group, mask_rule=mask_rule)
+
+    _sync(dev)
+    t0, c0 = time.perf_counter(), time.process_time()
+    W0 = torch.stack([w.detach() for w in W_in]).to(dtype=dtype)
+    H = torch.stack([h.detach().to(device=dev, dtype=dtype) for h in H_in])
+    dead = diag(H) == 0  # as prune_with_info: dead inputs zeroed
+    diag(H)[dead] = 1
+    W0.masked_fill_(dead.unsqueeze(-2), 0)
+    pruned = None if M_in is None else ~torch.stack([m.to(dev, torch.bool) for m in M_in])
+    pd = percdamp if percdamp > 0 else 0.0  # prune_with_info's first try
+    Hd, lams = damped_many(H, pd)
+    ok = torch.ones(E, dtype=torch.bool, device=dev)
+    if method in ("sparsegpt", "multiweight") or refit == "exact":
+        ok = torch.linalg.cholesky_ex(Hd).info == 0  # the items that would retry: solved alone
+    sel = ok.nonzero().squeeze(1)
+    out: list[PruneResult | None] = [None] * E
+    if len(sel):
+        if len(sel) < E:
+            W0, H, Hd = W0[sel], H[sel], Hd[sel]
+            pruned = None if pruned is None else pruned[sel]
+        try:
+            W, P = METHODS[method](W0, H if method == "wanda" else Hd, sparsity, nm, pruned, **opts)
+            if refit == "cg":
+                W = refit_mod.cg(W0, Hd, W, P, **({} if refit_iters is None else {"iters": refit_iters}))
+            elif refit == "exact":
+                W = refit_mod.exact(W0, Hd, W, P)
+        except CholeskyError:  # not traceable to one item: every item alone
+            W = None
+        if W is not None:
+            finite = torch.isfinite(W).flatten(1).all(1).tolist()
+            W = W.masked_fill_(P, 0).to(weight.dtype)
+            _sync(dev)
+            n = len(sel)
+            seconds, cpu = (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
+            for j, e in enumerate(sel.tolist()):
+                if finite[j]:
+                    err = error(W[j], W_in[e].detach(), H_in[e].to(dev))
+                    out[e] = PruneResult(W[j], ~P[j], err, lams[e], pd, seconds, cpu, method,
+                                         pattern, refit)
+    return [r if r is not None else alone(e) for e, r in enumerate(out)]
+
+
+def many_bytes(r: int, c: int, method: str = "multiweight", *, nm: tuple[int, int] | None = None,
+               refit: str | None = None, dtype: torch.dtype = torch.float32,
+               blocksize: int | None = None, group: int | None = None) -> int:
+    """Estimated peak workspace of prune_many per item (bytes), for choosing how many r x c items
+    (experts) to solve in one call: E items take about E times this beyond the inputs.
+
+    Counted in words of the working dtype (float32, or float64): the Hessian's copy, its damped
+    copy and up to three factors while the inverse factor is formed (5c²; 2c² for magnitude and
+    wanda, which factor nothing unless refit="exact"); weight copies, updates,
+    scores and sort indices (8rc); multiweight's padded row systems per bucket (r·b²/4, b the
+    group/block width) and, at N:M, its table of pattern inverses (c·C(m, n)·m); cg's vectors (7rc).
+    An upper bound of the peaks measured by `python -m jobs.bench_moe --memory`. admm is solved one
+    item at a time (its own workspace, not counted here)."""
+    words = (5 if method in ("sparsegpt", "multiweight") or refit == "exact" else 2) * c * c + 8 * r * c
+    if method == "multiweight":
+        b = min(blocksize or multiweight.GROUP, group or multiweight.GROUP, c)
+        words += r * b * b // 4
+        if nm is not None:
+            words += c * math.comb(nm[1], nm[0]) * nm[1]
+    if refit == "cg":
+        words += 7 * r * c
+    return words * (8 if dtype == torch.float64 else 4)
+
+
+def _items(x, name):
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D tensor (items first) or a list, got {_desc(x)}")
+        return list(x.unbind(0))
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    raise ValueError(f"{name} must be a 3-D tensor or a list of tensors, got {_desc(x)}")
 
 
 def _sync(dev):

@@ -1,4 +1,8 @@
-"""Pieces shared by the solvers: damping, the inverse-Hessian Cholesky factor, masks, error."""
+"""Pieces shared by the solvers: damping, the inverse-Hessian Cholesky factor, masks, error.
+
+Every solver takes either one layer (W: r x c, H: c x c) or a batch of same-shape layers with a
+leading item dimension (W: E x r x c, H: E x c x c, each item its own Hessian, as MoE experts);
+the item dimension is written `...` below, and a 2-D call runs the same operations as before."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -16,6 +20,15 @@ def damped(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
     Hd = H.clone()
     Hd.diagonal().add_(lam)
     return Hd, lam
+
+
+def damped_many(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, list[float]]:
+    """`damped` for each item of E x c x c; λ from each item's own 2-D mean (a batched mean rounds
+    differently in float32, and λ must equal the one-at-a-time call's)."""
+    lams = [percdamp * h.diagonal().mean().item() for h in H]
+    Hd = H.clone()
+    Hd.diagonal(dim1=-2, dim2=-1).add_(torch.tensor(lams, dtype=H.dtype, device=H.device).unsqueeze(1))
+    return Hd, lams
 
 
 def cholesky(A: torch.Tensor, upper: bool = False) -> torch.Tensor:
@@ -60,22 +73,28 @@ def quota(sparsity: float, rows: int, i1: int, i2: int) -> int:
 def lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the k lowest entries; ties go to the lower row-major index (stable sort),
     which matters because 4-bit dequantized weights tie a lot."""
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    mask[torch.sort(scores.flatten(), stable=True).indices[:k]] = True
+    flat = scores.flatten(-2)  # per item (leading dims) when batched
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask.scatter_(-1, torch.sort(flat, dim=-1, stable=True).indices[..., :k], True)
     return mask.view(scores.shape)
 
 
 def lowest_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Bool mask of the n lowest of every m consecutive entries of each row (stable ties)."""
-    r, c = scores.shape
-    idx = torch.sort(scores.reshape(r, c // m, m), dim=2, stable=True).indices[..., :n]
-    mask = torch.zeros(r, c // m, m, dtype=torch.bool, device=scores.device)
-    return mask.scatter_(2, idx, True).view(r, c)
+    *lead, r, c = scores.shape
+    idx = torch.sort(scores.reshape(*lead, r, c // m, m), dim=-1, stable=True).indices[..., :n]
+    mask = torch.zeros(*lead, r, c // m, m, dtype=torch.bool, device=scores.device)
+    return mask.scatter_(-1, idx, True).view(scores.shape)
 
 
 def saliency_mask(W1: torch.Tensor, U1: torch.Tensor, k: int) -> torch.Tensor:
     """SparseGPT's block mask: prune the k lowest w²/U_jj² of the block."""
-    return lowest(W1 ** 2 / U1.diagonal().unsqueeze(0) ** 2, k)
+    return lowest(W1 ** 2 / diag(U1).unsqueeze(-2) ** 2, k)
+
+
+def diag(A: torch.Tensor) -> torch.Tensor:
+    """The diagonal of each item's matrix (last two dims)."""
+    return A.diagonal(dim1=-2, dim2=-1)
 
 
 def error(W: torch.Tensor, W0: torch.Tensor, H: torch.Tensor) -> float:

@@ -7,6 +7,6 @@ from .common import lowest, lowest_nm, quota
 def prune(W, H, sparsity=None, nm=None, pruned=None):
     if pruned is None:
         score = W.abs()
-        r, c = W.shape
+        r, c = W.shape[-2:]  # per item when batched (E x r x c)
         pruned = lowest_nm(score, *nm) if nm else lowest(score, quota(sparsity, r, 0, c))
     return W.masked_fill(pruned, 0), pruned
