@@ -85,7 +85,7 @@ def current_rss_mb() -> float:
 
 _LIBC = None
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
-MMAP_THRESHOLD = 8 << 20  # bytes; see cap_heap
+MMAP_THRESHOLD = 4 << 20  # bytes; see cap_heap
 
 
 def _libc():
