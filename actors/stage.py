@@ -40,7 +40,7 @@ import ray
 from pipeline import data, loading, spread
 from pipeline.calibrate import PruneSpec, SliceRunner, Trunk
 from pipeline.checkpoint import OutputDir
-from pipeline.solvers import PruneResult, prune_with_info
+from pipeline.solvers import PruneResult, prune_many, prune_with_info
 
 STREAMS = ("calib", "eval_dense", "eval_pruned")
 
@@ -170,38 +170,48 @@ class StagePool:
     def workers(self) -> int:
         return 1 + len(self.peers) - len(self.lost)
 
-    def solve(self, items: list[tuple]) -> list[PruneResult]:
+    def solve(self, items: list[tuple], batch: bool = False) -> list[PruneResult]:
         helpers = [j for j in range(len(self.peers)) if j not in self.lost]
-        shares = spread.assign([tuple(W.shape) for W, _, _ in items], [kw for _, _, kw in items], 1 + len(helpers))
+        runs = spread.bundles(items) if batch else None
+        shares = spread.assign([tuple(W.shape) for W, _, _ in items], [kw for _, _, kw in items], 1 + len(helpers),
+                               runs)
         calls = []
         for peer, share in zip(helpers, shares[1:]):
             if not share:
                 continue
-            hs: dict[int, int] = {}  # id of an item's H -> its index in this call
+            hs: dict[int, int] = {}  # id of a Hessian -> its index in this call (each travels once)
+            payload = []
             for p in share:
-                hs.setdefault(id(items[p.item][1]), p.item)
-            order = list(hs)
-            payload = [(order.index(id(items[p.item][1])), pack(items[p.item][0][p.rows[0]:p.rows[1]]),
-                        _wire(items[p.item][2], p.rows)) for p in share]
-            ref = self.peers[peer].help.remote([pack(items[hs[h]][1]) for h in order], payload)
-            calls.append((peer, share, ref))
+                group = range(p.item, p.item + p.count)
+                for i in group:
+                    hs.setdefault(id(items[i][1]), len(hs))
+                a, b = p.rows
+                payload.append(([hs[id(items[i][1])] for i in group], [pack(items[i][0][a:b]) for i in group],
+                                _wire(items[p.item][2], p.rows)))
+            first = {h: i for i in range(len(items)) for h in [id(items[i][1])] if h in hs}
+            hessians = [pack(items[first[h]][1]) for h in sorted(hs, key=hs.get)]
+            calls.append((peer, share, self.peers[peer].help.remote(hessians, payload)))
         t0 = time.perf_counter()
-        pieces, results = list(shares[0]), spread.solve_here(items, shares[0])
+        done = spread.solve_here(items, shares[0])
         t1 = time.perf_counter()
         self.local_s += t1 - t0
         for peer, share, ref in calls:
             try:
-                got = [_unpack_result(t, self.device) for t in ray.get(ref)]
+                got = ray.get(ref)
+                for p, results in zip(share, got):
+                    if p.count == 1:
+                        done.append((p, _unpack_result(results[0], self.device)))
+                    else:
+                        done += [(spread.Piece(p.item + e, (0, items[p.item + e][0].shape[0]), 0.0),
+                                  _unpack_result(r, self.device)) for e, r in enumerate(results)]
                 self.helped += len(share)
             except ray.exceptions.RayError as e:
                 from .driver import _is_loss
                 if _is_loss(e):
                     self.lost.add(peer)
-                got = spread.solve_here(items, share)  # an error of the solve itself is raised here, named
-            pieces += share
-            results += got
+                done += spread.solve_here(items, share)  # an error of the solve itself is raised here, named
         self.wait_s += time.perf_counter() - t1
-        return spread.merge(items, pieces, results, spread.resolver(items))
+        return spread.merge(items, done, spread.resolver(items))
 
 
 def _wire(kw: dict, rows: tuple[int, int]) -> dict:
@@ -326,17 +336,20 @@ class Stage:
 
     @ray.method(concurrency_group="help")
     def help(self, hessians: list, payload: list) -> list:
-        """Solve pieces of another stage's phase (its own thread: see StagePool). Results travel back
-        as numpy; nothing is kept here."""
+        """Solve pieces of another stage's phase (its own thread: see StagePool): per piece, its
+        Hessians' indices, its weights (one, or a bundle of experts for one batched call) and its
+        options. Results travel back as numpy; nothing is kept here."""
         t0 = time.time()
         try:
             torch.set_num_threads(torch.get_num_threads())  # this thread's OpenMP setting, as the stage's
             H = [unpack(h, self.device) for h in hessians]
             out = []
-            for h, w, kw in payload:
+            for hs, ws, kw in payload:
                 if kw.get("mask") is not None:
                     kw = dict(kw, mask=unpack(kw["mask"], self.device))
-                out.append(_pack_result(prune_with_info(unpack(w, self.device), H[h], **kw)))
+                Ws = [unpack(w, self.device) for w in ws]
+                res = prune_many(Ws, [H[h] for h in hs], **kw) if len(Ws) > 1 else [prune_with_info(Ws[0], H[hs[0]], **kw)]
+                out.append([_pack_result(r) for r in res])
             return out
         finally:
             t1 = time.time()

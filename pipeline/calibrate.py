@@ -402,7 +402,7 @@ def prune_phase(layer: nn.Module, plan: Plan, k: int, accs: list[HessianAccumula
         todo += [(name, acc, src if fallback else None) for name in g]
     items = [(units[name].weight(layer), (fb or acc).hessian, spec.kwargs(f"{index}.{name}")) for name, acc, fb in todo]
     try:
-        results = (pool or LocalPool()).solve(items)
+        results = (pool or LocalPool()).solve(items, batch=plan.expert_phase[k])
     except (ValueError, RuntimeError, FloatingPointError) as e:  # say which matrix failed
         name = getattr(e, "item", None)
         label = todo[name][0] if isinstance(name, int) else "/".join(t[0] for t in todo)

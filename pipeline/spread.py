@@ -16,6 +16,11 @@ workers gives what `prune_with_info` gives item by item:
   Unstructured masks of sparsegpt / multiweight pick each block's quota over all rows, magnitude's
   over the matrix, and admm's schedule follows the whole matrix: those are never cut.
 
+- In an expert phase, consecutive experts of one shape and the same options form bundles of up
+  to BUNDLE (within BUNDLE_BYTES of solver workspace), each solved in one batched call
+  (`prune_many`) and handed out whole. Bundles depend only on the phase, never on the number of
+  workers, so one process and K stages solve the same batches: the same bits.
+
 A failed factorisation raises the damping of the piece that failed only; `merge` re-solves the
 other pieces of that item at the raised damping (`resolve`), which is what the whole item gets.
 """
@@ -25,16 +30,21 @@ from dataclasses import dataclass
 
 import torch
 
-from .solvers import PruneResult, prune_with_info
+from .solvers import PruneResult, many_bytes, prune_many, prune_with_info
 
 SPLIT_BELOW = 4  # cut row-separable items into row ranges while items < SPLIT_BELOW x workers
+# Experts per batched call: the 64-expert benchmark layer gains 1.2-2.4x from batching
+# (jobs.bench_moe); bundles of 8 keep most of it and still spread evenly over a few workers.
+BUNDLE = 8
+BUNDLE_BYTES = 1 << 30  # solver workspace of one bundle, at most (solvers.many_bytes)
 
 
 @dataclass
 class Piece:
-    item: int                 # index of the item it belongs to
+    item: int                 # index of the (first) item it belongs to
     rows: tuple[int, int]     # row range [a, b) of the item's weight
     cost: float
+    count: int = 1            # consecutive items solved together (a bundle of experts)
 
 
 def row_separable(kw: dict) -> bool:
@@ -50,25 +60,51 @@ def cost(r: int, c: int) -> float:
     return float(r) * c * c  # the cubic solvers' work grows as rows x columns²
 
 
-def assign(shapes: list[tuple[int, int]], kws: list[dict], n: int) -> list[list[Piece]]:
-    """Pieces per worker (worker 0 is the caller) for items of `shapes` (rows, columns)."""
+def _key(W: torch.Tensor, H: torch.Tensor, kw: dict):
+    if any(isinstance(v, torch.Tensor) for v in kw.values()):
+        return None
+    return (tuple(W.shape), W.dtype, H.dtype, W.device, tuple(sorted((k, repr(v)) for k, v in kw.items())))
+
+
+def bundles(items: list[tuple]) -> list[tuple[int, int]]:
+    """(first item, count) runs of consecutive items that one prune_many call can take."""
+    out: list[tuple[int, int]] = []
+    for i, (W, H, kw) in enumerate(items):
+        key = _key(W, H, kw)
+        if out and key is not None and _key(*items[out[-1][0]]) == key:
+            first, n = out[-1]
+            size = many_bytes(*W.shape, kw.get("method", "multiweight"), nm=kw.get("nm"), refit=kw.get("refit"),
+                              dtype=torch.float64 if torch.float64 in (W.dtype, H.dtype) else torch.float32)
+            if n < BUNDLE and (n + 1) * size <= BUNDLE_BYTES:
+                out[-1] = (first, n + 1)
+                continue
+        out.append((i, 1))
+    return out
+
+
+def assign(shapes: list[tuple[int, int]], kws: list[dict], n: int,
+           runs: list[tuple[int, int]] | None = None) -> list[list[Piece]]:
+    """Pieces per worker (worker 0 is the caller) for items of `shapes` (rows, columns); `runs`:
+    bundles of items solved together (default: every item alone)."""
     loads = [0.0] * n
     out: list[list[Piece]] = [[] for _ in range(n)]
-    split = n > 1 and len(shapes) < SPLIT_BELOW * n
+    runs = runs or [(i, 1) for i in range(len(shapes))]
+    split = n > 1 and len(runs) < SPLIT_BELOW * n
     whole = []
-    for i, ((r, c), kw) in enumerate(zip(shapes, kws)):
-        if split and row_separable(kw) and r >= n:
+    for i, count in runs:
+        (r, c), kw = shapes[i], kws[i]
+        if count == 1 and split and row_separable(kw) and r >= n:
             bounds = [r * j // n for j in range(n + 1)]
             for j in range(n):
                 a, b = bounds[j], bounds[j + 1]
                 out[j].append(Piece(i, (a, b), cost(b - a, c)))
                 loads[j] += cost(b - a, c)
         else:
-            whole.append(i)
-    for i in sorted(whole, key=lambda i: -cost(*shapes[i])):
+            whole.append(Piece(i, (0, r), count * cost(r, c), count))
+    for p in sorted(whole, key=lambda p: (-p.cost, p.item)):
         j = min(range(n), key=lambda j: (loads[j], j))
-        out[j].append(Piece(i, (0, shapes[i][0]), cost(*shapes[i])))
-        loads[j] += cost(*shapes[i])
+        out[j].append(p)
+        loads[j] += p.cost
     return out
 
 
@@ -81,12 +117,13 @@ def solve_piece(W: torch.Tensor, H: torch.Tensor, kw: dict, rows: tuple[int, int
     return prune_with_info(W if whole else W[a:b], H, **kw)
 
 
-def merge(items: list[tuple], pieces: list[Piece], results: list[PruneResult], resolve) -> list[PruneResult]:
-    """One result per item from its pieces' results (in any order). `resolve(piece, percdamp)` solves
-    a piece again at a given damping, for pieces that did not need the damping another piece of
-    the same item was raised to."""
+def merge(items: list[tuple], done: list[tuple[Piece, PruneResult]], resolve) -> list[PruneResult]:
+    """One result per item from its pieces' results, `done` = (piece, result) with bundles already
+    unpacked into single-item pieces, in any order. `resolve(piece, percdamp)` solves a piece again
+    at a given damping, for pieces that did not need the damping another piece of the same item
+    was raised to."""
     by_item: dict[int, list[tuple[Piece, PruneResult]]] = {}
-    for p, res in zip(pieces, results):
+    for p, res in done:
         by_item.setdefault(p.item, []).append((p, res))
     out = []
     for i in range(len(items)):
@@ -106,23 +143,34 @@ def merge(items: list[tuple], pieces: list[Piece], results: list[PruneResult], r
 
 
 class LocalPool:
-    """Every solve here, item by item: the single-process job."""
+    """Every solve here: the single-process job (experts in bundles when `batch`)."""
 
     workers = 1
 
-    def solve(self, items: list[tuple[torch.Tensor, torch.Tensor, dict]]) -> list[PruneResult]:
-        return solve_here(items, [Piece(i, (0, W.shape[0]), 0.0) for i, (W, _, _) in enumerate(items)])
+    def solve(self, items: list[tuple[torch.Tensor, torch.Tensor, dict]], batch: bool = False) -> list[PruneResult]:
+        runs = bundles(items) if batch else [(i, 1) for i in range(len(items))]
+        pieces = [Piece(i, (0, items[i][0].shape[0]), 0.0, n) for i, n in runs]
+        return merge(items, solve_here(items, pieces), resolver(items))
 
 
-def solve_here(items: list[tuple], pieces: list[Piece]) -> list[PruneResult]:
-    """A worker's share: its pieces, solved in order. An error carries the failing item's index
-    (`e.item`), for a message naming the matrix."""
+def solve_here(items: list[tuple], pieces: list[Piece]) -> list[tuple[Piece, PruneResult]]:
+    """A worker's share: its pieces, solved in order, bundles unpacked into one (piece, result) per
+    item. An error carries the failing item's index (`e.item`), for a message naming the matrix."""
     out = []
     for p in pieces:
         try:
-            out.append(solve_piece(*items[p.item], p.rows))
+            if p.count > 1:
+                group = items[p.item:p.item + p.count]
+                res = prune_many([W for W, _, _ in group], [H for _, H, _ in group], **group[0][2])
+                out += [(Piece(p.item + e, (0, group[e][0].shape[0]), 0.0), r) for e, r in enumerate(res)]
+            else:
+                out.append((p, solve_piece(*items[p.item], p.rows)))
         except (ValueError, RuntimeError, FloatingPointError) as e:
             e.item = p.item
+            if p.count > 1 and e.args and isinstance(e.args[0], str) and e.args[0].startswith("item "):
+                k, _, rest = e.args[0][5:].partition(": ")  # prune_many names the item in its batch
+                if k.isdigit():
+                    e.item, e.args = p.item + int(k), (rest,) + e.args[1:]
             raise
     return out
 

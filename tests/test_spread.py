@@ -22,13 +22,13 @@ class SplitPool:
     def __init__(self, n, fail=()):
         self.workers, self.fail = n, set(fail)
 
-    def solve(self, items):
-        shares = spread.assign([tuple(W.shape) for W, _, _ in items], [kw for *_, kw in items], self.workers)
-        pieces, results = [], []
-        for j, share in enumerate(shares):
-            pieces += share
-            results += spread.solve_here(items, share)
-        return spread.merge(items, pieces, results, spread.resolver(items))
+    def solve(self, items, batch=False):
+        runs = spread.bundles(items) if batch else None
+        shares = spread.assign([tuple(W.shape) for W, _, _ in items], [kw for *_, kw in items], self.workers, runs)
+        done = []
+        for share in shares:
+            done += spread.solve_here(items, share)
+        return spread.merge(items, done, spread.resolver(items))
 
 
 def kws(method, pattern, refit=None):
@@ -105,7 +105,7 @@ def test_a_raised_damping_is_applied_to_every_piece_of_the_item():
     def resolve(p, pd):
         calls.append((p.rows, pd))
         return spread.resolver(items)(p, pd)
-    got = spread.merge(items, pieces, [res[0], raised], resolve)[0]
+    got = spread.merge(items, [(pieces[0], res[0]), (pieces[1], raised)], resolve)[0]
     assert calls == [((0, 4), 0.1)]
     whole = prune_with_info(W, H, **dict(items[0][2], percdamp=0.1))
     assert got.percdamp == 0.1
@@ -167,3 +167,31 @@ def test_experts_in_chunks_equal_experts_at_once(arch, real_model_dir, short_tex
     assert_identical(tmp_path / "all", tmp_path / "chunks")
     assert outs["chunks"][0]["perplexity"] == outs["all"][0]["perplexity"]
     assert outs["chunks"][0]["sparsity"] == outs["all"][0]["sparsity"]
+
+
+def test_bundles_group_consecutive_experts_of_one_shape_and_options():
+    W, H = problem(8, 16, seed=5)
+    W2, H2 = problem(4, 16, seed=6)
+    a, b = kws("multiweight", "0.5"), kws("multiweight", "2:4")
+    items = [(W, H, a)] * 10 + [(W2, H2, a)] * 2 + [(W, H, b)] + [(W, H, a)]
+    assert spread.bundles(items) == [(0, 8), (8, 2), (10, 2), (12, 1), (13, 1)]
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "multiweight"])
+@pytest.mark.parametrize("pattern", ["0.5", "2:4"])
+def test_expert_bundles_are_the_same_batches_for_any_number_of_workers(method, pattern):
+    """Experts solved in bundles (prune_many): any number of workers gives the one-worker result bit
+    for bit (a bundle is solved whole wherever it goes), which equals solving each expert alone up
+    to prune_many's own stated tolerance (multiweight pads stacked rows: ~1e-6 relative in float32)."""
+    items = []
+    for e in range(11):
+        W, H = problem(12, 16, seed=10 + e, tokens=40 + 7 * e)
+        items.append((W, H, kws(method, pattern, "cg")))
+    one = spread.LocalPool().solve(items, batch=True)
+    alone = spread.LocalPool().solve(items)
+    for n in (2, 3):
+        for a, b in zip(one, SplitPool(n).solve(items, batch=True)):
+            assert torch.equal(a.weight, b.weight) and torch.equal(a.mask, b.mask)
+    for a, b in zip(alone, one):
+        assert torch.equal(a.mask, b.mask)
+        assert (a.weight - b.weight).abs().max() <= 1e-5 * a.weight.abs().max()
