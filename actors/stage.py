@@ -269,6 +269,7 @@ class Stage:
             self.layer_ids, self.spec, self.mode, self.sink = list(layer_ids), spec, mode, sink
             self.trunk = Trunk(self.files, self.device, getattr(torch, dtype))
             self.store = OutputDir(out)
+            self.trunk.tied_source = self._tied_source
             self.hf = "calib_dense" if mode == "dense" else "calib"
             self.kwargs: dict | None = None  # per batch shape, each layer's (args, kwargs)
             self.main: SliceRunner | None = None
@@ -302,6 +303,15 @@ class Stage:
                 self.events[-1] = (name, self.events[-1][1], t1)  # merge runs of small calls
             else:
                 self.events.append((name, t0, t1))
+
+    def _tied_source(self, j: int) -> dict:
+        """Layer j's committed tensors, for a layer here that uses weights tied to it (Zamba2's shared
+        block, pruned once by its owner j in an earlier stage). In sequential mode j is committed
+        before this stage starts; in stagewise and dense modes this waits for the commit (the owner
+        never waits on a later stage, so this cannot deadlock; a lost owner stage ends the attempt)."""
+        while j not in self.store.committed():
+            time.sleep(0.2)
+        return self.store.load_layer(j)[0]
 
     def _on_layer(self, i: int, report: dict) -> None:
         return_freed_memory()

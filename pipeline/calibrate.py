@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from . import loading
-from .models.generic import Plan, UnsupportedModel, WeightUses, _StopForward, call_layer, plan_layer, run_until_stop
+from .models.generic import (EMBEDDINGS, Plan, WeightUses, _StopForward, call_layer, plan_layer, run_until_stop,
+                             tied_owner)
 from .solvers import HessianAccumulator
 from .spread import LocalPool
 
@@ -108,7 +109,16 @@ class Trunk:
     the layers (embeddings) for `embed`, the ones after them (final norm, head) for `nll`. Both run
     the model's own forward with the layers replaced by stand-ins, so nothing of a family's calling
     convention, embedding scale or logit post-processing (softcapping, scaling) is re-implemented.
+
+    Tied weights between layers (Zamba2's shared transformer blocks): the checkpoint stores them once,
+    under one layer (the owner, Zamba2's first user), and that layer prunes them with its Hessians;
+    every other layer that uses them gets them as the owner last held them in this process (pruned,
+    once it is), else from `tied_source(owner)` (committed checkpoint tensors, e.g. a Ray stage's
+    store), else dense from the model files. `dense_tied(i)` swaps in the checkpoint's dense values
+    for the dense streams.
     """
+
+    tied_source = None  # optional callable: owner layer -> its committed checkpoint tensors, or None
 
     def __init__(self, files: loading.ModelFiles, device="cpu", dtype=torch.float32):
         self.files, self.device, self.dtype = files, torch.device(device), dtype
@@ -118,6 +128,8 @@ class Trunk:
         self._shapes: dict = {}
         self.before, self.after = self._split()
         self._loaded: set[str] = set()
+        self._tied_in, self._tied_out = self._ties()
+        self._tied_values: dict[str, torch.Tensor] = {}  # checkpoint key -> the owner's values at its last unload
 
     @property
     def n_layers(self) -> int:
@@ -138,14 +150,112 @@ class Trunk:
     def layer_numel(self, i: int) -> int:
         return sum(p.numel() for p in self.layers[i].parameters())
 
+    def _layer_of(self, name: str) -> int | None:
+        head = self.layers_path + "."
+        if not name.startswith(head):
+            return None
+        idx = name[len(head):].split(".", 1)[0]
+        return int(idx) if idx.isdigit() else None
+
+    def _ties(self) -> tuple[dict, dict]:
+        """Parameters of a layer that the checkpoint stores under another layer (tied weights).
+
+        tied_in[i][name] = (owner layer, owner's parameter name, checkpoint keys) for layer i's
+        parameter `name`; tied_out[j][owner's name] = the layers that use it besides j."""
+        conv, aliases = self.model._mwprune_conversion, self.model._mwprune_aliases
+        tied_in: dict[int, dict] = {}
+        tied_out: dict[int, dict[str, list[int]]] = {}
+        for i in range(self.n_layers):
+            prefix = self.layer_prefix(i)
+            fed = {t for k in conv.keys_for(prefix) for t in conv.sources[k]}
+            for n, _ in self.layers[i].named_parameters(remove_duplicate=False):
+                full = f"{prefix}.{n}"
+                if full in fed:
+                    continue
+                alt = next((a for a in aliases.get(full, []) if a in conv.targets), None)
+                j = self._layer_of(alt) if alt else None
+                if j is None or j == i:
+                    continue  # not fed at all (load_module says so), or tied outside the layers
+                keys = [k for k, ts in conv.sources.items() if alt in ts]
+                tied_in.setdefault(i, {})[full] = (j, alt, keys)
+                tied_out.setdefault(j, {}).setdefault(alt, []).append(i)
+        return tied_in, tied_out
+
+    def tied_owners(self, i: int) -> set[int]:
+        """The layers whose (pruned) weights layer i uses as tied weights: before layer i is pruned or
+        runs a pruned stream, they must be pruned here, or readable through `tied_source`."""
+        return {j for j, _, _ in self._tied_in.get(i, {}).values()}
+
+    def _set_tied(self, i: int, values: dict[str, torch.Tensor]) -> None:
+        """Layer i's tied parameters as their own Parameter objects (data shared), marked with their owner."""
+        for full, (j, _, _) in self._tied_in.get(i, {}).items():
+            q = nn.Parameter(values[full], requires_grad=False)
+            q._mwprune_tied = j
+            loading._set(self.model, full, q)
+
     def load_layer(self, i: int, tensors: dict[str, torch.Tensor] | None = None) -> nn.Module:
-        return loading.load_module(self.model, self.files, self.layer_prefix(i), self.device, self.dtype, tensors)
+        tied = self._tied_in.get(i, {})
+        if tied:  # tied weights as their owner holds them (pruned), where known; the given tensors win
+            tensors = {**self._owner_values(tied), **(tensors or {})}
+        owners = {alt: self.model.get_parameter(alt) for _, alt, _ in tied.values()}
+        module = loading.load_module(self.model, self.files, self.layer_prefix(i), self.device, self.dtype, tensors)
+        if tied:
+            self._set_tied(i, {full: self.model.get_parameter(full).data for full in tied})
+            for alt, p in owners.items():  # loading fed the owner's names too: put them back as they were
+                loading._set(self.model, alt, p)
+        for alt, users in self._tied_out.get(i, {}).items():
+            self.model.get_parameter(alt)._mwprune_shared_with = users
+        return module
+
+    def _owner_values(self, tied: dict) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        fetched: dict[int, dict | None] = {}
+        for j, _, keys in tied.values():
+            for k in keys:
+                if k in self._tied_values:
+                    out[k] = self._tied_values[k]
+                elif self.tied_source is not None:
+                    if j not in fetched:
+                        fetched[j] = self.tied_source(j)
+                    if fetched[j] is not None and k in fetched[j]:
+                        out[k] = fetched[j][k]
+        return out
+
+    @contextlib.contextmanager
+    def dense_tied(self, i: int):
+        """Layer i (loaded) with its tied weights as the checkpoint has them, for dense streams: the
+        owner may have pruned them already. A no-op for layers without tied weights."""
+        tied = self._tied_in.get(i, {})
+        if not tied or any(self.model.get_parameter(f).device.type == "meta" for f in tied):
+            yield
+            return
+        saved = {f: self.model.get_parameter(f) for f in tied}
+        owners = {alt: self.model.get_parameter(alt) for _, alt, _ in tied.values()}
+        keys = sorted({k for _, _, ks in tied.values() for k in ks})
+        self.model._mwprune_conversion.load(self.model, self.files.read(keys), self.device, self.dtype)
+        self._set_tied(i, {f: self.model.get_parameter(alt).data for f, (_, alt, _) in tied.items()})
+        for alt, p in owners.items():
+            loading._set(self.model, alt, p)
+        try:
+            yield
+        finally:
+            for f, p in saved.items():
+                loading._set(self.model, f, p)
 
     def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's tensors under the checkpoint's names and layout (per-expert, as on the hub)."""
         return loading.module_tensors(self.model, self.layer_prefix(i))
 
     def unload_layer(self, i: int) -> None:
+        shared = self._tied_out.get(i)
+        if shared and all(self.model.get_parameter(a).device.type != "meta" for a in shared):
+            # Kept for the later layers that use them, as the checkpoint would hold them (its dtype),
+            # so that they see exactly what a resumed run reads back from the output.
+            conv = self.model._mwprune_conversion
+            keys = {k for a in shared for k, ts in conv.sources.items() if a in ts}
+            for k, v in self.layer_tensors(i).items():
+                if k in keys:
+                    self._tied_values[k] = v.to(self.files.dtypes.get(k, v.dtype)).clone()
         loading.unload_module(self.model, self.layer_prefix(i))
 
     def _ensure(self, prefixes: list[str]) -> None:
@@ -202,6 +312,11 @@ class Trunk:
         are captured from the model's own forward with every layer replaced by a stand-in, once per
         batch shape, so arguments that depend on the batch size are right for every batch.
         `calls[(batch, seqlen)][i]` is layer i's `(args, kwargs)`.
+
+        An argument equal to the model's input embeddings (Zamba2's `original_hidden_states`) changes
+        with each batch's content: it is captured as the `EMBEDDINGS` marker, every call becomes
+        `(args, kwargs, True)`, and each hidden batch carries the embeddings beside the hidden state,
+        `cat([h, e], -1)`, through every layer (`call_layer`) and every stage, to the head (`nll`).
         """
         self._ensure(self.before)
         n = self.n_layers
@@ -209,19 +324,19 @@ class Trunk:
         hidden: list[torch.Tensor] = []
         state: dict = {}
 
+        def is_embeddings(a) -> bool:
+            h0 = state["h0"]
+            return isinstance(a, torch.Tensor) and a.shape == h0.shape and a.dtype == h0.dtype and torch.equal(a, h0)
+
         def record(i, h, args, kwargs):
             if i == 0:
                 hidden.append(h)
                 state["h0"] = h
-            h0 = state["h0"]
-            if any(isinstance(a, torch.Tensor) and a.shape == h0.shape and torch.equal(a, h0)
-                   for a in (*args, *kwargs.values())):
-                # Zamba2 hands every layer the embeddings themselves: arguments that change with each
-                # batch's content, which the per-shape capture cannot reproduce.
-                raise UnsupportedModel(f"unsupported architecture {self.files.config.model_type!r}: its layers "
-                                       f"take the model's input embeddings as an argument")
             if state["key"] in calls:
                 raise _Stop  # arguments for this shape are known: layer 0's input is all we need
+            if any(is_embeddings(a) for a in (*args, *kwargs.values())):
+                args = tuple(EMBEDDINGS if is_embeddings(a) else a for a in args)
+                kwargs = {k: EMBEDDINGS if is_embeddings(v) else v for k, v in kwargs.items()}
             state["calls"][i] = (args, kwargs)
             if i == n - 1:
                 calls[state["key"]] = state["calls"]
@@ -237,6 +352,10 @@ class Trunk:
                     pass
         finally:
             self._restore(saved)
+        marked = any(a is EMBEDDINGS for c in calls.values() for args, kw in c for a in (*args, *kw.values()))
+        if marked:
+            calls = {key: [(args, kw, True) for args, kw in c] for key, c in calls.items()}
+            hidden = [torch.cat([h, h], dim=-1) for h in hidden]
         return hidden, calls
 
     @torch.no_grad()
@@ -254,7 +373,12 @@ class Trunk:
         cur: dict = {}
 
         def inject(i, h, args, kwargs):
-            return cur["h"] if i == 0 else h
+            if i:
+                return h
+            x = cur["h"]
+            # A stream that carries the input embeddings beside the hidden state (see `embed`) is
+            # twice the width the model's own forward hands its layers: the hidden state is the first half.
+            return x[..., :h.shape[-1]] if x.shape[-1] == 2 * h.shape[-1] else x
         total, count = 0.0, 0
         saved = self._with_stand_ins(inject)
         try:
@@ -492,7 +616,8 @@ class SliceRunner:
         out = list(self.streams[stream])
         for i in self.layer_ids:
             layer = self.trunk.load_layer(i)
-            out = forward(layer, out, self.calls, i)
+            with self.trunk.dense_tied(i):  # tied weights as the checkpoint has them, not as pruned
+                out = forward(layer, out, self.calls, i)
             self.trunk.unload_layer(i)
         self.busy += time.perf_counter() - t0
         return out
@@ -518,13 +643,14 @@ class SliceRunner:
             o = self._open(i, src[0] if (solve and src) else None)
 
         hess_src = s["calib"]
-        if "calib_dense" in self.active:
-            dense_in = s["calib_dense"]
-            s["calib_dense"] = forward(o.layer, dense_in, calls, i)  # before anything is pruned
-            if self.hessians_from == "calib_dense":
-                hess_src = dense_in  # the layer's input is dense; its later phases see the pruned earlier ones
-        if "eval_dense" in self.active:
-            s["eval_dense"] = forward(o.layer, s["eval_dense"], calls, i)
+        with trunk.dense_tied(i):  # tied weights an earlier layer pruned: dense for the dense streams
+            if "calib_dense" in self.active:
+                dense_in = s["calib_dense"]
+                s["calib_dense"] = forward(o.layer, dense_in, calls, i)  # before anything is pruned
+                if self.hessians_from == "calib_dense":
+                    hess_src = dense_in  # the layer's input is dense; its later phases see the pruned earlier ones
+            if "eval_dense" in self.active:
+                s["eval_dense"] = forward(o.layer, s["eval_dense"], calls, i)
 
         if not solve:
             tensors, report = self.store.load_layer(i)
@@ -565,8 +691,8 @@ def layer_sparsity(layer: nn.Module, plan: Plan | None) -> dict:
     dense: dict[str, dict] = {}
     reasons = plan.dense_left if plan is not None else {}
     for name, p in layer.named_parameters():
-        if p.dim() < 2:
-            continue
+        if p.dim() < 2 or tied_owner(p) is not None:
+            continue  # a tied weight is counted once, at the layer that stores (and prunes) it
         z = (p == 0).sum().item()
         zeros += z
         total += p.numel()

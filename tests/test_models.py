@@ -13,12 +13,13 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from transformers import AutoModelForCausalLM
 
 from test_pipeline import checkpoint_sparsity, hf_perplexity, pruned_matrices
 from tiny_models import ARCHS, MOE, write
 from pipeline.run import RunConfig, run
 
-SUPPORTED = tuple(a for a in ARCHS if a != "zamba2")
+SUPPORTED = ARCHS
 EXPERTS = {"mixtral": 4, "qwen2_moe": 4, "qwen3_moe": 4, "olmoe": 4, "deepseek_v3": 4, "jamba": 4}
 
 
@@ -103,8 +104,56 @@ def test_deepseek_router_bias_loaded_and_written(tiny_arch, short_texts, tmp_pat
     assert torch.equal(tensor(tmp_path / "out", name), tensor(folder, name))
 
 
-def test_zamba2_refused_with_one_line(tiny_arch, short_texts, tmp_path):
-    from pipeline.models import UnsupportedModel
-    with pytest.raises(UnsupportedModel, match="input embeddings as an argument"):
-        run(RunConfig(out=str(tmp_path / "out"), model=str(tiny_arch("zamba2")), calib=str(short_texts["calib"]),
-                      eval_windows=0, nsamples=4, seqlen=32, batch_size=4), quiet=True)
+def test_zamba2_shared_block_pruned_once(tiny_arch, short_texts, tmp_path):
+    """Zamba2's layer 2 uses layer 1's shared transformer block (tied weights, stored once under
+    layer 1). Layer 1 prunes it; layer 2 computes with the pruned block but neither prunes nor counts
+    it again; the block's adapter slot for layer 2 stays dense, reported; the embeddings that every
+    layer takes ride along with the hidden batches, so a batch size of 1 and of 4 agree."""
+    folder = tiny_arch("zamba2")
+    reports = {}
+    for bs in (1, 4):
+        reports[bs] = run(RunConfig(out=str(tmp_path / f"out{bs}"), model=str(folder), calib=str(short_texts["calib"]),
+                                    eval=str(short_texts["eval"]), nsamples=4, seqlen=32, eval_windows=2,
+                                    batch_size=bs), quiet=True)
+    report, out = reports[4], tmp_path / "out4"
+    by_layer = {r["layer"]: r for r in report["layers"]}
+    shared = "shared_transformer.self_attn.q_proj"
+    assert shared in by_layer[1]["modules"] and shared not in by_layer[2]["modules"]
+    assert not any(n.startswith("shared_transformer.") for n in by_layer[2]["dense_left"])
+    # Layer 1 multiplies by its own adapter slot (0): pruned; slot 1 is layer 2's: dense, with the reason.
+    assert "shared_transformer.self_attn.linear_q_adapter_list.0.0" in by_layer[1]["modules"]
+    left = by_layer[1]["dense_left"]["shared_transformer.self_attn.linear_q_adapter_list.1.0.weight"]
+    assert left["reason"].startswith("tied: used only by layer 2")
+    # Counted once: layer weights add up to the checkpoint's layer weights (tied ones once).
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    n = sum(p.numel() for p in model.model.layers.parameters() if p.dim() >= 2)
+    assert sum(r["weights"] for r in report["layers"]) == n
+    # The written block is the pruned one, once, under layer 1's names; the model ties layer 2 to it.
+    name = "model.layers.1." + shared + ".weight"
+    w = tensor(out, name)
+    assert (w == 0).sum().item() == round(0.5 * w.numel())
+    assert model.model.layers[2].shared_transformer.self_attn.q_proj.weight.data_ptr() == \
+        model.model.layers[1].shared_transformer.self_attn.q_proj.weight.data_ptr()
+    # Float32, other batch shapes: the same to 1e-4 relative (summation order differs).
+    for k in ("dense", "pruned"):
+        assert reports[1]["perplexity"][k] == pytest.approx(reports[4]["perplexity"][k], rel=1e-4)
+
+
+def test_zamba2_resume_after_the_owner_of_the_shared_block(tiny_arch, short_texts, tmp_path):
+    """A run stopped after layer 1 (which stores and prunes the shared block) committed: the rerun
+    loads layer 1 back and solves layer 2 with the block exactly as committed; bit-identical result."""
+    import shutil
+    cfg = dict(model=str(tiny_arch("zamba2")), calib=str(short_texts["calib"]), eval=str(short_texts["eval"]),
+               nsamples=4, seqlen=32, eval_windows=2, batch_size=4, nm=(2, 4))
+    whole = tmp_path / "whole"
+    first = run(RunConfig(out=str(whole), **cfg), quiet=True)
+    out = tmp_path / "out"
+    shutil.copytree(whole, out)
+    for f in ("config.json", "report.json", "model-00004-of-00004.safetensors", "model.safetensors.index.json"):
+        (out / f).unlink()
+    (out / ".mwprune" / "layers" / "00002.json").unlink()  # layer 2 never committed
+    again = run(RunConfig(out=str(out), **cfg), quiet=True)
+    assert again["layers_resumed"] == 2 and again["layers_solved"] == 1
+    assert again["perplexity"] == first["perplexity"]
+    for name in keys(whole):
+        assert torch.equal(tensor(out, name), tensor(whole, name)), name

@@ -567,3 +567,18 @@ def test_helper_killed_mid_solve_commits_no_wrong_rows(ray_local, tmp_path, real
     with one_thread():
         run(config_from_args(parser().parse_args([str(a) for a in ref_argv])).resolve(), quiet=True)
     assert_identical(tmp_path / "ref", tmp_path / "killed")
+
+
+@pytest.mark.parametrize("mode", ["sequential", "dense"])
+def test_zamba2_shared_block_across_stages(ray_local, tmp_path, real_model_dir, short_texts, mode):
+    """Zamba2's shared block, pruned by layer 1 (stage 1) and used by layer 2 (stage 2): the later
+    stage reads the owner's commit (waiting for it in dense mode, where stages run at once), so 3
+    stages give the single-process bits."""
+    from tiny_models import write
+    model = write("zamba2", tmp_path / "zamba2", real_model_dir)
+    with one_thread():
+        assert prune(tiny_argv(model, short_texts, tmp_path / "single", "--mode", mode)) == 0
+    assert prune(tiny_argv(model, short_texts, tmp_path / "k3", "--mode", mode, "--stages", 3)) == 0
+    assert report(tmp_path / "k3")["pipeline"]["partition"] == [[0], [1], [2]]
+    assert_identical(tmp_path / "single", tmp_path / "k3")
+    assert report(tmp_path / "k3")["perplexity"] == report(tmp_path / "single")["perplexity"]

@@ -77,10 +77,16 @@ def config(arch: str):
                                                mamba_n_groups=1, mamba_d_state=16, mamba_expand=2, mamba_d_ssm=128,
                                                mamba_chunk_size=16, intermediate_size=128, head_dim=16,
                                                lm_head_multiplier=0.5, **ATTN),
-        "zamba2": lambda: tf.Zamba2Config(num_hidden_layers=2, layers_block_type=["mamba", "hybrid"],
+        # Two hybrid layers and one memory block: layer 2's shared transformer is tied to layer 1's
+        # (stored once, under layer 1), each with its own adapters (attention and MLP) inside it. Init
+        # range 0.2: logits far from uniform, so perplexity shows whether layer 2 saw the pruned block.
+        "zamba2": lambda: tf.Zamba2Config(num_hidden_layers=3, layers_block_type=["mamba", "hybrid", "hybrid"],
                                           mamba_d_state=16, mamba_headdim=16, mamba_ngroups=1, n_mamba_heads=8,
                                           num_mem_blocks=1, intermediate_size=128, use_mem_rope=True,
-                                          attention_head_dim=16, **ATTN),
+                                          use_shared_attention_adapter=True, adapter_rank=8, initializer_range=0.2,
+                                          # the adapters add to q/k/v at the concatenated width (2 x hidden),
+                                          # as in the released models: heads x head_dim must match it
+                                          attention_head_dim=32, **{**ATTN, "num_key_value_heads": 4}),
     }[arch]()
     return c
 

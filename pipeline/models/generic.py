@@ -59,6 +59,17 @@ class Adapter:
         return model.get_submodule(self.layers_path(model))
 
 
+def tied_owner(p: torch.Tensor) -> int | None:
+    """For a parameter tied to (the same tensor as) one stored by another layer: that layer. Set by
+    `Trunk.load_layer`; such a weight is pruned once, at the layer that stores it."""
+    return getattr(p, "_mwprune_tied", None)
+
+
+def shared_with(p: torch.Tensor) -> list[int]:
+    """The later layers that use this layer's parameter `p` as a tied weight (set by `Trunk.load_layer`)."""
+    return getattr(p, "_mwprune_shared_with", [])
+
+
 @dataclass
 class Unit:
     """One matrix the layer multiplies by: a 2-D parameter, or expert `expert` of a 3-D one.
@@ -105,8 +116,8 @@ def candidates(layer: nn.Module, adapter: Adapter) -> tuple[dict[str, Unit], dic
     convs = {n for n, m in layer.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
     for pname, p in layer.named_parameters():
         owner = pname.rpartition(".")[0]
-        if p.dim() < 2:
-            continue
+        if p.dim() < 2 or tied_owner(p) is not None:
+            continue  # a tied weight stored by another layer is pruned (and counted) there
         if is_router(pname):
             dense[pname] = "router"
         elif owner in convs or p.dim() > 3:
@@ -177,10 +188,35 @@ class WeightUses(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def call_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
-    args, kwargs = call
+class Embeddings:
+    """Stands in a captured layer call for the model's input embeddings (Zamba2 hands them to every
+    layer): arguments that change with each batch's content, which a per-shape capture cannot hold.
+    Such a model's hidden batches carry the embeddings themselves, `cat([h, e], -1)`, and
+    `call_layer` puts `e` where the marker is. Compared by type, so it survives pickling (Ray)."""
+
+    def __repr__(self) -> str:
+        return "<input embeddings>"
+
+
+EMBEDDINGS = Embeddings()
+
+
+def carries_embeddings(call: tuple) -> bool:
+    """A call is `(args, kwargs)`, or `(args, kwargs, True)` when the hidden batches carry the
+    model's input embeddings beside the hidden state (twice as wide)."""
+    return len(call) > 2 and bool(call[2])
+
+
+def call_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple) -> torch.Tensor:
+    args, kwargs = call[0], call[1]
+    carried = carries_embeddings(call)
+    if carried:
+        hidden, e = (t.contiguous() for t in hidden.chunk(2, dim=-1))
+        args = tuple(e if isinstance(a, Embeddings) else a for a in args)
+        kwargs = {k: e if isinstance(v, Embeddings) else v for k, v in kwargs.items()}
     out = layer(hidden, *args, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return torch.cat([out, e], dim=-1) if carried else out
 
 
 def _same_input(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -232,6 +268,10 @@ def plan_layer(layer: nn.Module, adapter: Adapter, hidden: torch.Tensor, call: t
             sib = next(units[n] for g in phases[k] for n in g if units[n].param == u.param)
             u.transposed = sib.transposed
             phases[k].append([name])
+        elif shared_with(u.tensor(layer)):
+            users = ", ".join(map(str, shared_with(u.tensor(layer))))
+            dense[u.param] = (f"tied: used only by layer {users}, and tied weights are pruned once, "
+                              f"by the layer that stores them")
         else:
             dense[u.param] = "never multiplied in a forward pass"
     kept = {n: u for n, u in units.items() if u.param not in dense}
