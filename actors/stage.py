@@ -159,16 +159,12 @@ class StagePool:
     or fails has its share solved here again, so no row is ever taken from a failed solve; the
     driver then sees the lost stage and restarts from the commits as for any lost stage."""
 
-    def __init__(self, index: int, peers: list, device):
-        self.index, self.peers, self.device = index, list(peers), device
+    def __init__(self, peers: list, device):
+        self.peers, self.device = list(peers), device
         self.lost: set[int] = set()
         self.helped = 0  # pieces solved by peers
         self.local_s = 0.0  # solving this stage's own share
         self.wait_s = 0.0   # then waiting for the peers' shares
-
-    @property
-    def workers(self) -> int:
-        return 1 + len(self.peers) - len(self.lost)
 
     def solve(self, items: list[tuple], batch: bool = False) -> list[PruneResult]:
         helpers = [j for j in range(len(self.peers)) if j not in self.lost]
@@ -179,17 +175,16 @@ class StagePool:
         for peer, share in zip(helpers, shares[1:]):
             if not share:
                 continue
-            hs: dict[int, int] = {}  # id of a Hessian -> its index in this call (each travels once)
+            hs: dict[int, tuple[int, torch.Tensor]] = {}  # id of a Hessian -> (its index here, it): each travels once
             payload = []
             for p in share:
                 group = range(p.item, p.item + p.count)
                 for i in group:
-                    hs.setdefault(id(items[i][1]), len(hs))
+                    hs.setdefault(id(items[i][1]), (len(hs), items[i][1]))
                 a, b = p.rows
-                payload.append(([hs[id(items[i][1])] for i in group], [pack(items[i][0][a:b]) for i in group],
+                payload.append(([hs[id(items[i][1])][0] for i in group], [pack(items[i][0][a:b]) for i in group],
                                 _wire(items[p.item][2], p.rows)))
-            first = {h: i for i in range(len(items)) for h in [id(items[i][1])] if h in hs}
-            hessians = [pack(items[first[h]][1]) for h in sorted(hs, key=hs.get)]
+            hessians = [pack(H) for _, H in hs.values()]  # in index order (dicts keep insertion order)
             calls.append((peer, share, self.peers[peer].help.remote(hessians, payload)))
         t0 = time.perf_counter()
         done = spread.solve_here(items, shares[0])
@@ -199,11 +194,7 @@ class StagePool:
             try:
                 got = ray.get(ref)
                 for p, results in zip(share, got):
-                    if p.count == 1:
-                        done.append((p, _unpack_result(results[0], self.device)))
-                    else:
-                        done += [(spread.Piece(p.item + e, (0, items[p.item + e][0].shape[0]), 0.0),
-                                  _unpack_result(r, self.device)) for e, r in enumerate(results)]
+                    done += spread.unbundle(items, p, [_unpack_result(r, self.device) for r in results])
                 self.helped += len(share)
             except ray.exceptions.RayError as e:
                 from .driver import _is_loss
@@ -211,7 +202,7 @@ class StagePool:
                     self.lost.add(peer)
                 done += spread.solve_here(items, share)  # an error of the solve itself is raised here, named
         self.wait_s += time.perf_counter() - t1
-        return spread.merge(items, done, spread.resolver(items))
+        return spread.merge(items, done)
 
 
 def _wire(kw: dict, rows: tuple[int, int]) -> dict:
@@ -342,7 +333,7 @@ class Stage:
     # -- what the driver calls -----------------------------------------------------------------
     def set_peers(self, stages: list) -> None:
         """The other stages, to spread this stage's solves over (sequential mode)."""
-        self.pool = StagePool(self.index, [a for j, a in enumerate(stages) if j != self.index], self.device)
+        self.pool = StagePool([a for j, a in enumerate(stages) if j != self.index], self.device)
 
     @ray.method(concurrency_group="help")
     def help(self, hessians: list, payload: list) -> list:

@@ -69,9 +69,10 @@ def _key(W: torch.Tensor, H: torch.Tensor, kw: dict):
 def bundles(items: list[tuple]) -> list[tuple[int, int]]:
     """(first item, count) runs of consecutive items that one prune_many call can take."""
     out: list[tuple[int, int]] = []
+    last = None
     for i, (W, H, kw) in enumerate(items):
         key = _key(W, H, kw)
-        if out and key is not None and _key(*items[out[-1][0]]) == key:
+        if out and key is not None and key == last:
             first, n = out[-1]
             size = many_bytes(*W.shape, kw.get("method", "multiweight"), nm=kw.get("nm"), refit=kw.get("refit"),
                               dtype=torch.float64 if torch.float64 in (W.dtype, H.dtype) else torch.float32)
@@ -79,6 +80,7 @@ def bundles(items: list[tuple]) -> list[tuple[int, int]]:
                 out[-1] = (first, n + 1)
                 continue
         out.append((i, 1))
+        last = key
     return out
 
 
@@ -117,11 +119,12 @@ def solve_piece(W: torch.Tensor, H: torch.Tensor, kw: dict, rows: tuple[int, int
     return prune_with_info(W if whole else W[a:b], H, **kw)
 
 
-def merge(items: list[tuple], done: list[tuple[Piece, PruneResult]], resolve) -> list[PruneResult]:
+def merge(items: list[tuple], done: list[tuple[Piece, PruneResult]], resolve=None) -> list[PruneResult]:
     """One result per item from its pieces' results, `done` = (piece, result) with bundles already
-    unpacked into single-item pieces, in any order. `resolve(piece, percdamp)` solves a piece again
-    at a given damping, for pieces that did not need the damping another piece of the same item
-    was raised to."""
+    unpacked into single-item pieces (`unbundle`), in any order. `resolve(piece, percdamp)` (default:
+    solve it here) solves a piece again at a given damping, for pieces that did not need the damping
+    another piece of the same item was raised to."""
+    resolve = resolve or resolver(items)
     by_item: dict[int, list[tuple[Piece, PruneResult]]] = {}
     for p, res in done:
         by_item.setdefault(p.item, []).append((p, res))
@@ -145,12 +148,10 @@ def merge(items: list[tuple], done: list[tuple[Piece, PruneResult]], resolve) ->
 class LocalPool:
     """Every solve here: the single-process job (experts in bundles when `batch`)."""
 
-    workers = 1
-
     def solve(self, items: list[tuple[torch.Tensor, torch.Tensor, dict]], batch: bool = False) -> list[PruneResult]:
         runs = bundles(items) if batch else [(i, 1) for i in range(len(items))]
         pieces = [Piece(i, (0, items[i][0].shape[0]), 0.0, n) for i, n in runs]
-        return merge(items, solve_here(items, pieces), resolver(items))
+        return merge(items, solve_here(items, pieces))
 
 
 def solve_here(items: list[tuple], pieces: list[Piece]) -> list[tuple[Piece, PruneResult]]:
@@ -161,8 +162,7 @@ def solve_here(items: list[tuple], pieces: list[Piece]) -> list[tuple[Piece, Pru
         try:
             if p.count > 1:
                 group = items[p.item:p.item + p.count]
-                res = prune_many([W for W, _, _ in group], [H for _, H, _ in group], **group[0][2])
-                out += [(Piece(p.item + e, (0, group[e][0].shape[0]), 0.0), r) for e, r in enumerate(res)]
+                out += unbundle(items, p, prune_many([W for W, _, _ in group], [H for _, H, _ in group], **group[0][2]))
             else:
                 out.append((p, solve_piece(*items[p.item], p.rows)))
         except (ValueError, RuntimeError, FloatingPointError) as e:
@@ -173,6 +173,13 @@ def solve_here(items: list[tuple], pieces: list[Piece]) -> list[tuple[Piece, Pru
                     e.item, e.args = p.item + int(k), (rest,) + e.args[1:]
             raise
     return out
+
+
+def unbundle(items: list[tuple], p: Piece, results: list[PruneResult]) -> list[tuple[Piece, PruneResult]]:
+    """A piece's results as (single-item piece, result) pairs, as `merge` takes them."""
+    if p.count == 1:
+        return [(p, results[0])]
+    return [(Piece(p.item + e, (0, items[p.item + e][0].shape[0]), 0.0), r) for e, r in enumerate(results)]
 
 
 def resolver(items: list[tuple]):

@@ -81,6 +81,14 @@ def assert_identical(a: Path, b: Path) -> None:
         assert torch.equal(ta[k], tb[k]), f"{k} differs by {(ta[k] - tb[k]).abs().max().item():.3g}"
 
 
+def single_reference(argv: list) -> dict:
+    """The single-process job, one thread (as each stage), in this process; returns its report."""
+    from pipeline.run import run
+    from jobs.prune import config_from_args, parser
+    with one_thread():
+        return run(config_from_args(parser().parse_args([str(a) for a in argv])).resolve(), quiet=True)
+
+
 def report(out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
 
@@ -103,10 +111,7 @@ def tiny_runs(tmp_path_factory, tiny_model, short_texts):
             out = base / f"{mode}-{stages}-{method}"
             argv = tiny_argv(tiny_model("llama"), short_texts, out, "--mode", mode, "--method", method)
             if stages == 0:
-                from pipeline.run import run
-                from jobs.prune import config_from_args, parser
-                with one_thread():
-                    run(config_from_args(parser().parse_args([str(a) for a in argv])).resolve(), quiet=True)
+                single_reference(argv)
             else:
                 assert prune(argv + ["--stages", stages]) == 0
             done[key] = out
@@ -416,11 +421,7 @@ def test_killed_stage_is_restarted_and_the_run_completes_unchanged(ray_local, tm
     rep = report(tmp_path / "killed")
     assert rep["layers_resumed"] >= killed_at and rep["layers_solved"] == 8 - rep["layers_resumed"]
 
-    from pipeline.run import run
-    from jobs.prune import config_from_args, parser
-    ref_argv = tiny_argv(model, short_texts, tmp_path / "ref", "--method", "multiweight", "--refit", "exact")
-    with one_thread():
-        run(config_from_args(parser().parse_args([str(a) for a in ref_argv])).resolve(), quiet=True)
+    single_reference(tiny_argv(model, short_texts, tmp_path / "ref", "--method", "multiweight", "--refit", "exact"))
     assert_identical(tmp_path / "ref", tmp_path / "killed")
 
 
@@ -459,11 +460,7 @@ def test_killed_progress_actor_costs_nothing(ray_local, tmp_path, real_model_dir
     lines = [ln for ln in err.splitlines() if ln.startswith("[") and "] layer" in ln]
     assert sorted(int(ln.split("layer")[1].split()[0]) for ln in lines) == list(range(8)), lines
 
-    from pipeline.run import run
-    from jobs.prune import config_from_args, parser
-    ref_argv = tiny_argv(model, short_texts, tmp_path / "ref", "--method", "multiweight", "--refit", "exact")
-    with one_thread():
-        ref = run(config_from_args(parser().parse_args([str(a) for a in ref_argv])).resolve(), quiet=True)
+    ref = single_reference(tiny_argv(model, short_texts, tmp_path / "ref", "--method", "multiweight", "--refit", "exact"))
     assert_identical(tmp_path / "ref", tmp_path / "killed")
     assert rep["perplexity"] == ref["perplexity"]
 
@@ -561,11 +558,7 @@ def test_helper_killed_mid_solve_commits_no_wrong_rows(ray_local, tmp_path, real
     rep = report(tmp_path / "killed")
     assert rep["layers_resumed"] >= killed_at and rep["layers_solved"] == 8 - rep["layers_resumed"]
 
-    from pipeline.run import run
-    from jobs.prune import config_from_args, parser
-    ref_argv = tiny_argv(model, short_texts, tmp_path / "ref", "--method", "multiweight", "--refit", "exact")
-    with one_thread():
-        run(config_from_args(parser().parse_args([str(a) for a in ref_argv])).resolve(), quiet=True)
+    single_reference(tiny_argv(model, short_texts, tmp_path / "ref", "--method", "multiweight", "--refit", "exact"))
     assert_identical(tmp_path / "ref", tmp_path / "killed")
 
 

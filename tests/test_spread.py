@@ -19,8 +19,8 @@ def problem(r, c, seed, tokens=None):
 class SplitPool:
     """n workers, all in this process: the same assign / solve / merge path as the stages' pool."""
 
-    def __init__(self, n, fail=()):
-        self.workers, self.fail = n, set(fail)
+    def __init__(self, n):
+        self.workers = n
 
     def solve(self, items, batch=False):
         runs = spread.bundles(items) if batch else None
@@ -28,7 +28,7 @@ class SplitPool:
         done = []
         for share in shares:
             done += spread.solve_here(items, share)
-        return spread.merge(items, done, spread.resolver(items))
+        return spread.merge(items, done)
 
 
 def kws(method, pattern, refit=None):
