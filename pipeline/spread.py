@@ -9,8 +9,10 @@ workers gives what `prune_with_info` gives item by item:
   the very same computation as in one process: bit-identical on the same kind of device and thread
   count.
 - Items whose rows are independent once H is known (`row_separable`: N:M patterns, Wanda's per-row
-  quota) are cut into n contiguous row ranges when there are too few items to balance otherwise.
-  Every row sees the same arithmetic as in the whole matrix except for how the BLAS kernels block
+  quota) fill the workers in order up to a common load when there are too few items to balance
+  otherwise, an item being cut into contiguous row ranges only where it crosses from one worker to
+  the next: at most n - 1 cuts per phase, so the work that depends on H alone (the factorisation,
+  the N:M pattern tables) is rarely repeated and most items stay whole. Every row sees the same arithmetic as in the whole matrix except for how the BLAS kernels block
   a matrix of fewer rows, and the refit's early stop (all rows of a piece converged), so a split
   item equals the whole one up to float32 reassociation (tests: max |dW| <= 1e-5 max |W|).
   Unstructured masks of sparsegpt / multiweight pick each block's quota over all rows, magnitude's
@@ -33,6 +35,11 @@ import torch
 from .solvers import PruneResult, many_bytes, prune_many, prune_with_info
 
 SPLIT_BELOW = 4  # cut row-separable items into row ranges while items < SPLIT_BELOW x workers
+MIN_ROWS = 8     # no piece of a cut item is thinner (its per-call work would outweigh its rows)
+# A call's fixed work in rows of the same matrix: SmolLM2's 2:4 + cg solves (one thread) cost
+# ~0.035 s + 0.39 ms a row at 576 columns (k_proj against q_proj), and a 576 x 1536 down_proj cut
+# in two ~0.15 s more than whole at 1.9 ms a row: 80-90 and ~77 rows.
+PIECE_ROWS = 80
 # Experts per batched call: the 64-expert benchmark layer gains 1.2-2.4x from batching
 # (jobs.bench_moe); bundles of 8 keep most of it and still spread evenly over a few workers.
 BUNDLE = 8
@@ -57,7 +64,9 @@ def row_separable(kw: dict) -> bool:
 
 
 def cost(r: int, c: int) -> float:
-    return float(r) * c * c  # the cubic solvers' work grows as rows x columns²
+    """A piece of r rows and c columns: the cubic solvers' work grows as rows x columns², plus what
+    every call does once whatever its rows (H's factorisation, the N:M pattern tables, copies)."""
+    return float(r + PIECE_ROWS) * c * c
 
 
 def _key(W: torch.Tensor, H: torch.Tensor, kw: dict):
@@ -87,27 +96,57 @@ def bundles(items: list[tuple]) -> list[tuple[int, int]]:
 def assign(shapes: list[tuple[int, int]], kws: list[dict], n: int,
            runs: list[tuple[int, int]] | None = None) -> list[list[Piece]]:
     """Pieces per worker (worker 0 is the caller) for items of `shapes` (rows, columns); `runs`:
-    bundles of items solved together (default: every item alone)."""
+    bundles of items solved together (default: every item alone).
+
+    Whole items go largest first to the least loaded worker. Then, when there are few items,
+    the row-separable ones fill the workers up to a common level in order, an item being cut only
+    where it crosses from one worker to the next (McNaughton's wrap-around rule): at most n - 1
+    cuts, so few pieces repeat the per-call work that depends on H alone (its factorisation, the
+    N:M pattern tables), and an item that fits one worker stays whole, bit-identical."""
     loads = [0.0] * n
     out: list[list[Piece]] = [[] for _ in range(n)]
     runs = runs or [(i, 1) for i in range(len(shapes))]
     split = n > 1 and len(runs) < SPLIT_BELOW * n
-    whole = []
+    whole, cut = [], []
     for i, count in runs:
         (r, c), kw = shapes[i], kws[i]
-        if count == 1 and split and row_separable(kw) and r >= n:
-            bounds = [r * j // n for j in range(n + 1)]
-            for j in range(n):
-                a, b = bounds[j], bounds[j + 1]
-                out[j].append(Piece(i, (a, b), cost(b - a, c)))
-                loads[j] += cost(b - a, c)
+        if count == 1 and split and row_separable(kw) and r >= 2 * MIN_ROWS:
+            cut.append(i)
         else:
             whole.append(Piece(i, (0, r), count * cost(r, c), count))
     for p in sorted(whole, key=lambda p: (-p.cost, p.item)):
         j = min(range(n), key=lambda j: (loads[j], j))
         out[j].append(p)
         loads[j] += p.cost
+    if cut:
+        widest = max(shapes[i][1] for i in cut)  # up to n - 1 cuts add a piece each
+        room = _fill(loads, sum(cost(*shapes[i]) for i in cut) + (n - 1) * cost(0, widest))
+        j = 0
+        for i in cut:
+            (r, c), a = shapes[i], 0
+            while a < r:
+                take = r - a if j == n - 1 else min(r - a, round(room[j] / (c * c)) - PIECE_ROWS)
+                if r - a - take < MIN_ROWS:  # no sliver left for the next worker
+                    take = r - a
+                if take >= MIN_ROWS or take == r - a:
+                    out[j].append(Piece(i, (a, a + take), cost(take, c)))
+                    loads[j] += cost(take, c)
+                    room[j] -= cost(take, c)
+                    a += take
+                if a < r or room[j] < cost(MIN_ROWS, c) / 2:
+                    j = min(j + 1, n - 1)
     return out
+
+
+def _fill(loads: list[float], total: float) -> list[float]:
+    """Room per worker when `total` more work raises every worker to a common level (those already
+    above it get none)."""
+    level = 0.0
+    for k, low in enumerate(sorted(loads)):
+        level = (total + sum(sorted(loads)[:k + 1])) / (k + 1)
+        if k + 1 == len(loads) or level <= sorted(loads)[k + 1]:
+            break
+    return [max(0.0, level - x) for x in loads]
 
 
 def solve_piece(W: torch.Tensor, H: torch.Tensor, kw: dict, rows: tuple[int, int]) -> PruneResult:

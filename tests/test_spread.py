@@ -68,6 +68,28 @@ def test_whole_items_are_balanced_largest_first():
     assert [len(s) for s in shares] == [8, 8] and all(p.rows == (0, 64) for s in shares for p in s)
 
 
+def test_separable_items_are_cut_only_where_they_cross_workers():
+    """McNaughton's wrap-around rule: at most n - 1 items are cut, the rest stay whole (bit-identical),
+    and every worker ends within a few rows' work (plus one call's fixed work) of the others."""
+    kw = kws("multiweight", "2:4")
+    for shapes in ([(576, 576), (192, 576), (192, 576)], [(1536, 576)] * 2, [(576, 1536)], [(4864, 896)] * 2,
+                   [(64, 32), (200, 128), (96, 64)]):
+        for n in (2, 3, 4):
+            shares = spread.assign(shapes, [kw] * len(shapes), n)
+            pieces = [p for s in shares for p in s]
+            cut = {p.item for p in pieces if p.rows != (0, shapes[p.item][0])}
+            assert len(cut) <= n - 1
+            loads = [sum(p.cost for p in s) for s in shares]
+            widest = max(c for _, c in shapes)
+            # rounding to rows and slivers kept whole: a few rows; the per-call work budgeted for
+            # n - 1 cuts where fewer were needed: one call's
+            assert max(loads) - min(loads) <= (2 * spread.MIN_ROWS + spread.PIECE_ROWS) * widest ** 2 + 1e-6 * max(loads)
+            assert all(b - a >= spread.MIN_ROWS for p in pieces for a, b in [p.rows])
+    # whole items fill the workers first; separable ones top them up
+    shares = spread.assign([(96, 64), (32, 64)], [kws("multiweight", "0.5"), kw], 2)
+    assert [[(p.item, p.rows) for p in s] for s in shares] == [[(0, (0, 96))], [(1, (0, 32))]]
+
+
 @pytest.mark.parametrize("method", ["sparsegpt", "multiweight", "wanda", "magnitude"])
 @pytest.mark.parametrize("pattern", ["0.5", "2:4"])
 @pytest.mark.parametrize("refit", [None, "cg"])
