@@ -114,9 +114,9 @@ def cap_heap(threshold: int = MMAP_THRESHOLD, trim: int = TRIM_THRESHOLD) -> boo
     and regrow the heap many times a solve, each regrowth paid in page faults. Measured (2:4 + cg
     on SmolLM2-shaped half matrices, one thread): 5.5 s (sys 0.6-0.8 s) -> 4.9 s (sys 0.1 s), as
     without cap_heap; two processes at once 5.1-5.6 s -> 4.6-4.8 s; the spread benchmark at K = 2
-    98 -> 92 s;
-    the memory check's worst stage 0.235x -> 0.237x of the float32 model (the heap is also trimmed
-    after each layer, `return_freed_memory`). Returns False where the C library is not glibc."""
+    98 -> 92 s; the memory check's worst stage 0.235x -> 0.237x of the float32 model (the heap is
+    also trimmed after each layer, `return_freed_memory`). Returns False where the C library is not
+    glibc."""
     libc = _libc()
     if not libc:
         return False

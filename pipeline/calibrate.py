@@ -14,6 +14,7 @@ Each layer is loaded once: dense streams pass through it, its modules are pruned
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -180,11 +181,6 @@ class Trunk:
                 tied_in.setdefault(i, {})[full] = (j, alt, keys)
                 tied_out.setdefault(j, {}).setdefault(alt, []).append(i)
         return tied_in, tied_out
-
-    def tied_owners(self, i: int) -> set[int]:
-        """The layers whose (pruned) weights layer i uses as tied weights: before layer i is pruned or
-        runs a pruned stream, they must be pruned here, or readable through `tied_source`."""
-        return {j for j, _, _ in self._tied_in.get(i, {}).values()}
 
     def _set_tied(self, i: int, values: dict[str, torch.Tensor]) -> None:
         """Layer i's tied parameters as their own Parameter objects (data shared), marked with their owner."""
@@ -469,7 +465,6 @@ def prune_experts(layer: nn.Module, plan: Plan, k: int, batches: list[torch.Tens
     Chunking changes nothing in the result: an expert's input does not depend on the other experts
     of its phase, so a chunk's Hessians are the same after earlier chunks were pruned; experts below
     the token minimum wait until every chunk has added its tokens to the pooled Hessian."""
-    import os
     if budget is None:
         budget = int(float(os.environ.get("MWPRUNE_EXPERT_HESSIAN_GB", EXPERT_HESSIAN_BYTES / 2**30)) * 2**30)
     phase, units = plan.phases[k], plan.units

@@ -141,10 +141,10 @@ def assign(shapes: list[tuple[int, int]], kws: list[dict], n: int,
 def _fill(loads: list[float], total: float) -> list[float]:
     """Room per worker when `total` more work raises every worker to a common level (those already
     above it get none)."""
-    level = 0.0
-    for k, low in enumerate(sorted(loads)):
-        level = (total + sum(sorted(loads)[:k + 1])) / (k + 1)
-        if k + 1 == len(loads) or level <= sorted(loads)[k + 1]:
+    ranked = sorted(loads)
+    for k in range(len(ranked)):
+        level = (total + sum(ranked[:k + 1])) / (k + 1)
+        if k + 1 == len(ranked) or level <= ranked[k + 1]:
             break
     return [max(0.0, level - x) for x in loads]
 

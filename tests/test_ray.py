@@ -390,32 +390,22 @@ def test_ray_job_submit_runs_the_same_command(_ray_state, tmp_path, tiny_model, 
 
 
 # -- a stage process killed mid-run ----------------------------------------------------------------
-def test_killed_stage_is_restarted_and_the_run_completes_unchanged(ray_local, tmp_path, real_model_dir, short_texts):
-    """kill -9 of a live stage process: the driver restarts the stages by itself, committed layers are
-    loaded back, only unfinished ones are solved again, and the output equals an uninterrupted run."""
+def _kill_mid_run(tmp_path, real_model_dir, short_texts, kill) -> None:
+    """The 8-layer slow model (each layer takes a noticeable time) on 2 stages, run in a thread;
+    `kill(state, worker)` kills processes of it once it sees fit and returns how many layers were
+    committed then. The run must complete by itself, load those layers back, solve only the others,
+    and equal the single process bit for bit."""
     import threading
 
     from test_cli import slow_model
 
-    model = slow_model(tmp_path, real_model_dir)  # 8 layers, each takes a noticeable time
+    model = slow_model(tmp_path, real_model_dir)
     argv = tiny_argv(model, short_texts, tmp_path / "killed", "--method", "multiweight", "--refit", "exact",
                      "--stages", 2)
     result = {}
     worker = threading.Thread(target=lambda: result.update(code=prune(argv)), daemon=True)
     worker.start()
-    state = tmp_path / "killed" / ".mwprune" / "layers"
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(state.glob("*.json"))) < 5 and worker.is_alive():
-        time.sleep(0.02)
-    # the second stage (layers 4-7) has committed its first layer and is working on the next
-    import psutil  # comes with ray[default]
-    # only this session's stage processes (the local Ray started by this test process)
-    pids = [p.pid for p in psutil.Process().children(recursive=True)
-            if any("ray::Stage" in part for part in (p.cmdline() or [p.name()]))]
-    killed_at = len(list(state.glob("*.json")))
-    assert pids and 5 <= killed_at < 8, (pids, killed_at)
-    for pid in pids:
-        os.kill(int(pid), signal.SIGKILL)
+    killed_at = kill(tmp_path / "killed" / ".mwprune" / "layers", worker)
     worker.join(600)
     assert result.get("code") == 0
     rep = report(tmp_path / "killed")
@@ -423,6 +413,28 @@ def test_killed_stage_is_restarted_and_the_run_completes_unchanged(ray_local, tm
 
     single_reference(tiny_argv(model, short_texts, tmp_path / "ref", "--method", "multiweight", "--refit", "exact"))
     assert_identical(tmp_path / "ref", tmp_path / "killed")
+
+
+def test_killed_stage_is_restarted_and_the_run_completes_unchanged(ray_local, tmp_path, real_model_dir, short_texts):
+    """kill -9 of a live stage process: the driver restarts the stages by itself, committed layers are
+    loaded back, only unfinished ones are solved again, and the output equals an uninterrupted run."""
+    import psutil  # comes with ray[default]
+
+    def kill(state, worker):
+        deadline = time.time() + 300
+        while time.time() < deadline and len(list(state.glob("*.json"))) < 5 and worker.is_alive():
+            time.sleep(0.02)
+        # the second stage (layers 4-7) has committed its first layer and is working on the next;
+        # only this session's stage processes (the local Ray started by this test process)
+        pids = [p.pid for p in psutil.Process().children(recursive=True)
+                if any("ray::Stage" in part for part in (p.cmdline() or [p.name()]))]
+        killed_at = len(list(state.glob("*.json")))
+        assert pids and 5 <= killed_at < 8, (pids, killed_at)
+        for pid in pids:
+            os.kill(int(pid), signal.SIGKILL)
+        return killed_at
+
+    _kill_mid_run(tmp_path, real_model_dir, short_texts, kill)
 
 
 # -- the driver's progress actor killed mid-run ----------------------------------------------------
@@ -529,37 +541,24 @@ def test_helper_killed_mid_solve_commits_no_wrong_rows(ray_local, tmp_path, real
     solves that share itself, no row of the dead helper is used, the driver restarts the lost stage
     from the commits, and the output equals the single process bit for bit (unstructured: whole
     matrices per stage, the same computation)."""
-    import threading
-
     import psutil
-    from test_cli import slow_model
 
-    model = slow_model(tmp_path, real_model_dir)
-    argv = tiny_argv(model, short_texts, tmp_path / "killed", "--method", "multiweight", "--refit", "exact",
-                     "--stages", 2)
-    result = {}
-    worker = threading.Thread(target=lambda: result.update(code=prune(argv)), daemon=True)
-    worker.start()
-    state = tmp_path / "killed" / ".mwprune" / "layers"
-    deadline = time.time() + 300
-    victim = None
-    while time.time() < deadline and worker.is_alive() and victim is None:
-        if len(list(state.glob("*.json"))) >= 1:  # stage 0 (layers 0-3) is at work, stage 1 helps it
-            for p in psutil.Process().children(recursive=True):
-                if "ray::Stage.help" in " ".join(p.cmdline() or []):
-                    victim = p
-                    break
-        time.sleep(0.005)
-    killed_at = len(list(state.glob("*.json")))
-    assert victim is not None and 1 <= killed_at < 4, killed_at
-    os.kill(victim.pid, signal.SIGKILL)
-    worker.join(600)
-    assert result.get("code") == 0
-    rep = report(tmp_path / "killed")
-    assert rep["layers_resumed"] >= killed_at and rep["layers_solved"] == 8 - rep["layers_resumed"]
+    def kill(state, worker):
+        deadline = time.time() + 300
+        victim = None
+        while time.time() < deadline and worker.is_alive() and victim is None:
+            if len(list(state.glob("*.json"))) >= 1:  # stage 0 (layers 0-3) is at work, stage 1 helps it
+                for p in psutil.Process().children(recursive=True):
+                    if "ray::Stage.help" in " ".join(p.cmdline() or []):
+                        victim = p
+                        break
+            time.sleep(0.005)
+        killed_at = len(list(state.glob("*.json")))
+        assert victim is not None and 1 <= killed_at < 4, killed_at
+        os.kill(victim.pid, signal.SIGKILL)
+        return killed_at
 
-    single_reference(tiny_argv(model, short_texts, tmp_path / "ref", "--method", "multiweight", "--refit", "exact"))
-    assert_identical(tmp_path / "ref", tmp_path / "killed")
+    _kill_mid_run(tmp_path, real_model_dir, short_texts, kill)
 
 
 @pytest.mark.parametrize("mode", ["sequential", "dense"])
