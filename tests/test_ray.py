@@ -313,10 +313,13 @@ def test_no_stage_holds_more_than_its_slice(ray_local, tmp_path, real_model_dir,
     """48 layers of 10.5 MB plus a 100 MB (tied) embedding, 3 stages of 16 layers. Each stage's peak
     resident memory above what it had before its first weight (torch, transformers, the meta skeleton)
     stays below its slice: its layers, plus the embedding for the first stage and the head for the
-    last. The middle stage, which loads no embedding, stays below its 16 layers alone. (Measured:
-    110-140 MB for the middle stage and up to 195 MB for the end stages, which also hold the 96 MB
+    last. The middle stage, which loads no embedding, stays below its 16 layers alone. The pages of
+    Ray's object store that a stage read zero-copy are left out: they count toward its RSS but are the
+    node's shared memory, bounded by the store and not by the slice (`shared_rss_mb`, ~33 MB here with
+    the spread solves' Hessians and weights). (Measured without them: 80-135 MB for the middle stage,
+    69-120 MB with spread solves off, and up to ~150 MB for the end stages, which also load the 96 MB
     embedding: one layer at a time, its Hessians and solver workspace, a serialized copy for the
-    commit, and allocator slack.)"""
+    commit, and allocator slack. With them the middle stage once reached 168 MB.)"""
     folder = tmp_path / "model"
     from jobs.bench import random_llama
     model_bytes = random_llama(folder, 48, 512, 1024, 8, real_model_dir)
@@ -329,12 +332,13 @@ def test_no_stage_holds_more_than_its_slice(ray_local, tmp_path, real_model_dir,
                   "--nsamples", 4, "--seqlen", 32, "--eval-windows", 2, "--batch-size", 2, "--stages", 3,
                   "--out", out, "--quiet"]) == 0
     facts = report(out)["pipeline"]["stage_facts"]
+    def grew(f):  # the store's pages stay mapped once read: the final count covers those at the peak
+        assert 0 <= f["shared_rss_mb"] < 100, f["shared_rss_mb"]
+        return (f["peak_rss_mb"] - f["base_rss_mb"] - f["shared_rss_mb"]) * mb
+
     for f in facts:
-        grew = (f["peak_rss_mb"] - f["base_rss_mb"]) * mb
         slice_bytes = len(f["layers"]) * layer_bytes + (embed_bytes if f["stage"] in (0, 2) else 0)
-        assert grew < slice_bytes, (f["stage"], grew / mb, slice_bytes / mb)
-    middle = facts[1]
-    assert (middle["peak_rss_mb"] - middle["base_rss_mb"]) * mb < 16 * layer_bytes
+        assert grew(f) < slice_bytes, (f["stage"], grew(f) / mb, slice_bytes / mb)  # the middle: 16 layers alone
 
 
 # -- ray job submit ---------------------------------------------------------------------------------
