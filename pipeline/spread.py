@@ -12,9 +12,10 @@ workers gives what `prune_with_info` gives item by item:
   quota) fill the workers in order up to a common load when there are too few items to balance
   otherwise, an item being cut into contiguous row ranges only where it crosses from one worker to
   the next: at most n - 1 cuts per phase, so the work that depends on H alone (the factorisation,
-  the N:M pattern tables) is rarely repeated and most items stay whole. Every row sees the same arithmetic as in the whole matrix except for how the BLAS kernels block
-  a matrix of fewer rows, and the refit's early stop (all rows of a piece converged), so a split
-  item equals the whole one up to float32 reassociation (tests: max |dW| <= 1e-5 max |W|).
+  the N:M pattern tables) is rarely repeated and most items stay whole. Every row sees the same
+  arithmetic as in the whole matrix except for how the BLAS kernels block a matrix of fewer rows,
+  and the refit's early stop (all rows of a piece converged), so a split item equals the whole one
+  up to float32 reassociation (tests: max |dW| <= 1e-5 max |W|).
   Unstructured masks of sparsegpt / multiweight pick each block's quota over all rows, magnitude's
   over the matrix, and admm's schedule follows the whole matrix: those are never cut.
 
