@@ -403,7 +403,7 @@ def forward(layer: nn.Module, batches: list[torch.Tensor], calls: dict, i: int) 
 
 
 # Experts that the router sends fewer calibration tokens than this are solved with the Hessian
-# pooled over every expert of the same parameter in the layer (see README: MoE models).
+# pooled over every expert of the same parameter in the layer (docs/design.md, "Experts").
 MIN_EXPERT_TOKENS = 16
 
 

@@ -251,7 +251,7 @@ def test_admm_nm_result_is_a_swap_local_optimum(real):
     admm's result by more than 0.5%, while the same search improves multiweight + cg by more
     than 0.3% (so the check can fail): a swap search after admm adds little. Measured here:
     admm < 0.01%, multiweight + cg 0.5-2.1% (2:4, 4:8); on the 12 bench layers, swaps verified by
-    a cg refit gained < 0.2% after admm (README, Layer solvers)."""
+    a cg refit gained < 0.2% after admm (docs/measurements.md, Layer solvers)."""
     from pipeline.solvers.common import damped
     for name, W, H in real:
         Hd, _ = damped(H, 0.01)  # the objective the solvers minimise (percdamp 0.01, the default)

@@ -348,40 +348,86 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def readme_ray_job_commands() -> list[str]:
+    """The commands of README's `ray job submit` block, one per entry (comments dropped, continued
+    lines joined)."""
+    import re
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    block = next(b for b in blocks if "ray start" in b and "ray job submit" in b)
+    cmds, cur = [], ""
+    for line in block.splitlines():
+        line = re.sub(r"\s+#.*$", "", line).strip()
+        if line.endswith("\\"):
+            cur += line[:-1].strip() + " "
+        elif line or cur:
+            cmds.append((cur + line).strip())
+            cur = ""
+    return cmds
+
+
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_same_command(_ray_state, tmp_path, tiny_model, short_texts):
-    """`ray job submit --working-dir . -- python -m jobs.prune ...` against a local head."""
+    """README's copy-paste sequence for `ray job submit`, run as README gives it: a bash that
+    activates the venv and exports RAY_AUTH_MODE, `ray start --head ...`, then `ray job submit
+    --address http://127.0.0.1:PORT --working-dir . -- python -m jobs.prune <README's flags>`.
+    Differences, each for running beside other tests: free ports instead of 6379/8265 (and the
+    dashboard agent's), Ray's temp folder, the tiny model, texts and --out in place of the default
+    job's, and the head started with --block and stopped by SIGTERM: README's `ray stop` would stop
+    every Ray process on the machine."""
+    import shlex
+    import shutil
+
     import ray
     ray.shutdown()  # one cluster at a time on two cores
     _ray_state["kind"] = None
-    bindir = Path(sys.executable).parent
-    # the job's `python` is looked up on the head's PATH: as for a user with the venv activated
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    dash = _free_port()
+    cmds = readme_ray_job_commands()
+    assert cmds[-1] == "ray stop", cmds
+    setup = [c for c in cmds if not c.startswith("ray ")]
+    assert "source .venv/bin/activate" in setup and "export RAY_AUTH_MODE=disabled" in setup, setup
+    start = next(c for c in cmds if c.startswith("ray start --head"))
+    submit = next(c for c in cmds if c.startswith("ray job submit"))
+    activate = ROOT / ".venv" / "bin" / "activate"
+    if not activate.exists():  # tests run by another interpreter than setup.sh's venv
+        activate = Path(sys.executable).parent / "activate"
+        if not activate.exists():
+            pytest.skip("no venv activate script: README's sequence needs one")
+    setup = [f"source {shlex.quote(str(activate))}" if c == "source .venv/bin/activate" else c for c in setup]
+
+    gcs, dash, agent = _free_port(), _free_port(), _free_port()
     temp = Path("/tmp") / f"rayjob-{os.getpid()}"  # short: Ray's socket paths have a length limit
-    head = subprocess.Popen(
-        [bindir / "ray", "start", "--head", "--block", "--num-cpus=2", f"--port={_free_port()}",
-         f"--dashboard-port={dash}", "--include-dashboard=true", f"--dashboard-agent-listen-port={_free_port()}",
-         f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    assert "--port=6379" in start and "--dashboard-port=8265" in start, start
+    start = (start.replace("--port=6379", f"--port={gcs}").replace("--dashboard-port=8265", f"--dashboard-port={dash}")
+             + f" --dashboard-agent-listen-port={agent} --temp-dir={temp} --block")
+    where, sep, job = submit.partition(" -- ")
+    assert sep and "--address http://127.0.0.1:8265" in where and "--working-dir ." in where, submit
+    job = shlex.split(job)
+    assert job[:3] == ["python", "-m", "jobs.prune"] and "--out" in job, job
+    i = job.index("--out")
+    del job[i:i + 2]  # README's --out "$PWD/out/ray-job": here a folder of this test (absolute, as README says)
+    out = tmp_path / "out"
+    job += [str(a) for a in tiny_argv(tiny_model("llama"), short_texts, out)]
+    submit = where.replace(":8265", f":{dash}") + " -- " + shlex.join(job)
+
+    # The system python has no torch: whatever README's shell gets comes from the activated venv.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "VIRTUAL_ENV")}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    shell = " && ".join(setup)
+    head = subprocess.Popen(["bash", "-c", f"{shell} && exec {start}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dash}"
         deadline = time.time() + 120
-        while subprocess.run([bindir / "ray", "job", "list", "--address", address], env=env,
+        while subprocess.run(["bash", "-c", f"{shell} && ray job list --address {address}"], cwd=ROOT, env=env,
                              capture_output=True).returncode != 0:
             assert head.poll() is None and time.time() < deadline, "head did not come up"
             time.sleep(2)
-        out = tmp_path / "out"
-        proc = subprocess.run(
-            [bindir / "ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
-             "python", "-m", "jobs.prune", *map(str, tiny_argv(tiny_model("llama"), short_texts, out)), "--stages", "2"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(["bash", "-c", f"{shell} && {submit}"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "succeeded" in proc.stdout + proc.stderr
         r = report(out)
-        assert r["stages"] == 2 and (out / "config.json").exists()
+        assert r["stages"] == 2 and (out / "config.json").exists()  # README's --stages 2 reached the job
         assert [f["layers"] for f in r["pipeline"]["stage_facts"]] == r["pipeline"]["partition"]
     finally:
         head.send_signal(signal.SIGTERM)  # --block: the head stops the processes it started
@@ -389,7 +435,6 @@ def test_ray_job_submit_runs_the_same_command(_ray_state, tmp_path, tiny_model, 
             head.wait(60)
         except subprocess.TimeoutExpired:
             head.kill()
-        import shutil
         shutil.rmtree(temp, ignore_errors=True)
 
 

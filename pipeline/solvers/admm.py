@@ -27,7 +27,7 @@ from .common import cholesky, error, quota
 # the search time; a final refit of 30 cg iterations instead of 10: the same; scoring by |w|
 # (no rescaling) 0.607, by |w|·H_jj^¼ 0.571; more rounds from the refitted result change
 # nothing (its support is stable).
-# At N:M (2:4; L1.q, L15.o, L15.up, L29.down; README "Layer solvers") the result is a local optimum
+# At N:M (2:4; L1.q, L15.o, L15.up, L29.down; docs/measurements.md "Layer solvers") the result is a local optimum
 # for swaps: exchanging a kept and a pruned weight of one m-group, moving only those two (exact
 # for that move) or re-solving with cg, gains < 0.2%; projections scored on the layer error
 # (OBS saliency per weight or per group pattern, H's m x m group blocks as the metric) are 1-50%
