@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from . import threads as _threads
+
 CONDITIONS = [
     "same model files and the same fingerprinted options (method, pattern, refit, solver options, "
     "calibration file, nsamples, seqlen, seed, batch size, dtype, mode; stagewise also the stage boundaries)",
@@ -25,11 +27,12 @@ CONDITIONS = [
 ]
 
 
-def facts(device: str, threads: list[int] | int | None = None) -> dict:
+def facts(device: str, threads: list[int] | int | None = None, openmp: list[dict] | dict | None = None) -> dict:
     """The `determinism` entry of report.json for a run on `device` with `threads` torch threads
-    (one number per stage, or the single process's)."""
+    (one number per stage, or the single process's) and `openmp` settings (pipeline.threads.facts():
+    per stage, or this process's)."""
     if threads is None:
         threads = torch.get_num_threads()
-    return {"device": device, "torch_threads": threads, "torch": torch.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    return {"device": device, "torch_threads": threads, "openmp": openmp if openmp is not None else _threads.facts(),
+            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "bit_identical_when": CONDITIONS}
