@@ -73,6 +73,17 @@ def facts() -> dict:
             "set_by_tool": dict(_set_here), "set_after_torch_import": _late}
 
 
+def describe() -> str:
+    """For the progress line: torch's threads and how idle OpenMP threads wait."""
+    import torch
+
+    n = torch.get_num_threads()
+    wait = os.environ.get("OMP_WAIT_POLICY") or ("GOMP_SPINCOUNT=" + os.environ["GOMP_SPINCOUNT"]
+                                                 if "GOMP_SPINCOUNT" in os.environ else "unset")
+    who = " (set by mwprune; OMP_WAIT_POLICY/OMP_NUM_THREADS override)" if "OMP_WAIT_POLICY" in _set_here else ""
+    return f"{n} thread{'s' if n != 1 else ''}, OpenMP wait {wait.lower()}{who}"
+
+
 def _has_lib(stem: str) -> bool:
     """Is a shared library whose name starts with `stem` mapped into this process?"""
     try:
