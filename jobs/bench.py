@@ -354,7 +354,6 @@ def main(argv=None) -> int:
             if "readme" in a.sections:
                 results["readme"] = bench_threads.readme(work)
                 md += ["## README figures", results["readme"]["table"]]
-                print(results["readme"]["table"], flush=True)
             if "contention" in a.sections:
                 results["contention"] = bench_threads.contention(
                     work, bench_threads.SMALL, rows_file=a.out / "contention_rows.jsonl", limit_s=a.limit_s)

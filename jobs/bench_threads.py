@@ -197,7 +197,8 @@ class _Null:
 
 
 def contention_table(rows: list[dict], job_args: list[str]) -> str:
-    lines = [f"`python -m jobs.prune {' '.join(job_args)}` (SmolLM2-135M, multiweight 50%); bit-identical: every "
+    what = "" if "--model" in job_args else " (SmolLM2-135M, multiweight 50%)"
+    lines = [f"`python -m jobs.prune {' '.join(job_args)}`{what}; bit-identical: every "
              "output tensor equals the first row's; load avg: 1-minute load average before -> after (whole machine)", "",
              "| job | threads | beside 2 busy processes | wall s | CPU s | load avg | pruned perplexity | bit-identical |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -247,6 +248,7 @@ def main(argv=None) -> int:
     p.add_argument("sections", nargs="*", default=["contention"], choices=["contention", "readme"])
     p.add_argument("--full-job", action="store_true", help="contention: the default job's size, not 4 x 128")
     p.add_argument("--limit-s", type=float, default=None, help="contention: stop a job after this many seconds")
+    p.add_argument("--single-only", action="store_true", help="contention: the single-process job's rows only")
     p.add_argument("--job-args", default=None,
                    help="contention: the job's options instead of the 4 x 128 SmolLM2 job, as one string")
     p.add_argument("--out", default="bench-out/threads.json")
@@ -257,7 +259,8 @@ def main(argv=None) -> int:
     try:
         if "contention" in a.sections:
             job = a.job_args.split() if a.job_args else [] if a.full_job else SMALL
-            res["contention"] = contention(work, job, rows_file=Path(a.out).with_suffix(".rows.jsonl"),
+            pairs = [x for x in ORDER if x[0] == "single"] if a.single_only else None
+            res["contention"] = contention(work, job, pairs, rows_file=Path(a.out).with_suffix(".rows.jsonl"),
                                            limit_s=a.limit_s)
             print(res["contention"]["table"])
         if "readme" in a.sections:
