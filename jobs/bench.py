@@ -35,7 +35,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from pipeline import threads
+
+threads.configure()  # as jobs.prune: the OpenMP wait policy before torch starts its runtime
+import torch  # noqa: E402
 
 E2E_METHODS = [("magnitude", None), ("wanda", None), ("sparsegpt", None), ("multiweight", None),
                ("multiweight", "cg"), ("admm", "cg")]
