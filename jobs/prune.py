@@ -17,7 +17,6 @@ from pipeline import threads
 threads.configure()  # before anything imports torch: OpenMP reads its wait policy once, at load
 
 
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + message
         print(f"error: {message}", file=sys.stderr)
