@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 
-from pipeline import data, determinism, loading
+from pipeline import data, determinism, loading, threads
 from pipeline.calibrate import Trunk
 from pipeline.checkpoint import OutputDir
 from pipeline.run import (ConfigError, Progress, RunConfig, completed_report, finish, fingerprint, model_folder,
@@ -358,7 +358,10 @@ class Driver:
             # "help": a second thread per stage that solves pieces of other stages' phases (StagePool)
             StageActor = ray.remote(concurrency_groups={"help": 1})(Stage)
             self.stages = [
+                # runtime_env: the OpenMP wait policy must be in a stage's environment before its torch
+                # starts (pipeline/threads.py); Ray merges these env_vars with the job's
                 StageActor.options(**plan.actor_options, max_restarts=0, max_task_retries=0,
+                                   runtime_env={"env_vars": threads.stage_env()},
                                    scheduling_strategy=PlacementGroupSchedulingStrategy(
                                        self.pg, placement_group_bundle_index=s)).remote(s, stage_preference(cfg), plan.threads)
                 for s in range(k)]
@@ -395,7 +398,8 @@ class Driver:
             facts = [self._get(self._call(s, "facts")) for s in range(k)]
             wall = time.perf_counter() - t0
             extra = {"stages": k, "layers_solved": solved, "solves_spread": spreading,
-                     "determinism": determinism.facts(p.cfg.device, [f["torch_threads"] for f in facts]),
+                     "determinism": determinism.facts(p.cfg.device, [f["torch_threads"] for f in facts],
+                                                      [f["openmp"] for f in facts]),
                      "pipeline": {"mode": cfg.mode, "partition": slices, "placement": plan.strategy,
                                   "bundle": plan.bundle, "max_inflight": self.max_inflight,
                                   "transfers": self.transfers, "stage_facts": _strip_events(facts)}}

@@ -37,7 +37,7 @@ import torch
 
 import ray
 
-from pipeline import data, loading, spread
+from pipeline import data, loading, spread, threads
 from pipeline.calibrate import PruneSpec, SliceRunner, Trunk
 from pipeline.checkpoint import OutputDir
 from pipeline.solvers import PruneResult, prune_many, prune_with_info
@@ -479,6 +479,7 @@ class Stage:
         out = {"stage": self.index, "layers": self.layer_ids, "device": self.device, "pid": os.getpid(),
                "node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
                "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()], "torch_threads": torch.get_num_threads(),
+               "openmp": threads.facts(),
                "busy_s": round(self.busy + self.help_busy, 3), "help_s": round(self.help_busy, 3),
                "helped_pieces": self.pool.helped if self.pool else 0,
                "own_share_s": round(self.pool.local_s, 3) if self.pool else 0.0,

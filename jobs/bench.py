@@ -13,6 +13,12 @@ Writes results.json, results.md and PNG plots into --out and prints the tables.
             layer per method and pattern (jobs/bench_moe.py)
   gpu       7B-class random layers: seconds per layer per method, projected for a whole 7B model,
             and the whole job on a random 2-layer model of those shapes (only where CUDA is)
+  readme    README's headline figures: the default job (`python -m jobs.prune`, nothing set) at the
+            tool's default threads and at 1 thread: dense and pruned perplexity, seconds, bit-identity
+            (jobs/bench_threads.py); not in the default list
+  contention  thread settings under CPU contention: the single-process and a --stages 2 job (4 x 128
+            calibration, 2 evaluation windows) alone and beside 2 busy processes; wall and CPU seconds,
+            load average, bit-identity (jobs/bench_threads.py); not in the default list
 Small by default (27 minutes on 2 CPU cores); --full uses the issue protocol (16 x 512 calibration,
 8 x 512 evaluation on CPU), every pattern and 3 timing repeats.
 """
@@ -29,7 +35,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from pipeline import threads
+
+threads.configure()  # as jobs.prune: the OpenMP wait policy before torch starts its runtime
+import torch  # noqa: E402
 
 E2E_METHODS = [("magnitude", None), ("wanda", None), ("sparsegpt", None), ("multiweight", None),
                ("multiweight", "cg"), ("admm", "cg")]
@@ -290,7 +299,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     ap.add_argument("--sections", nargs="+", default=["solvers", "e2e", "pipeline", "moe", "gpu"],
-                    choices=["solvers", "e2e", "pipeline", "moe", "gpu"])
+                    choices=["solvers", "e2e", "pipeline", "moe", "gpu", "readme", "contention"])
+    ap.add_argument("--limit-s", type=float, default=None, help="contention: stop a job after this many seconds")
     ap.add_argument("--full", action="store_true", help="the issue protocol and every pattern (hours on a 2-core CPU)")
     ap.add_argument("--patterns", nargs="+", default=None, help="e2e patterns, e.g. 0.5 2:4")
     ap.add_argument("--methods", nargs="+", default=None,
@@ -340,6 +350,19 @@ def main(argv=None) -> int:
             md += [f"## GPU ({results['gpu']['device']}, 7B-class random layers)", gpu_table(results["gpu"])]
         else:
             md += ["## GPU", "skipped: torch sees no CUDA device on this machine"]
+    if "readme" in a.sections or "contention" in a.sections:
+        from jobs import bench_threads
+        work = Path(tempfile.mkdtemp(prefix="bench-threads-", dir=a.out))
+        try:
+            if "readme" in a.sections:
+                results["readme"] = bench_threads.readme(work)
+                md += ["## README figures", results["readme"]["table"]]
+            if "contention" in a.sections:
+                results["contention"] = bench_threads.contention(
+                    work, bench_threads.SMALL, rows_file=a.out / "contention_rows.jsonl", limit_s=a.limit_s)
+                md += ["## Threads under contention", results["contention"]["table"]]
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     text = "\n\n".join(md) + "\n"
     for name, data in (("results.json", json.dumps(results, indent=1, default=str)), ("results.md", text)):
         tmp = a.out / (name + ".tmp")

@@ -45,6 +45,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline import threads
+
+threads.configure()  # as jobs.prune: the OpenMP wait policy before torch starts its runtime
+
 MODES = ("sequential", "stagewise", "dense")
 
 

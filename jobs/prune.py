@@ -12,6 +12,10 @@ import json
 import os
 import sys
 
+from pipeline import threads
+
+threads.configure()  # before anything imports torch: OpenMP reads its wait policy once, at load
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + message

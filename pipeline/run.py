@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import allocation, assets, data, determinism, loading
+from . import allocation, assets, data, determinism, loading, threads
 from .calibrate import PruneSpec, SliceRunner, Trunk
 from .checkpoint import OutputDir
 from .models.generic import candidates
@@ -316,7 +316,8 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict:
     cal = p.calib_protocol
     say(f"calibration: {cfg.nsamples} x {cfg.seqlen} tokens of {Path(str(cal['file'])).name}; evaluation: "
         + (f"{cfg.eval_windows} x {cfg.seqlen} tokens of {Path(str(p.eval_protocol['file'])).name}" if p.evalw is not None
-           else "none") + f"; {cfg.device}, {str(p.dtype).removeprefix('torch.')} ({time.perf_counter() - t0:.1f}s)")
+           else "none") + f"; {cfg.device}, {str(p.dtype).removeprefix('torch.')}"
+        + (f", {threads.describe()}" if cfg.device == "cpu" else "") + f" ({time.perf_counter() - t0:.1f}s)")
     out = OutputDir(cfg.out)
     trunk = Trunk(p.files, cfg.device, p.dtype)
     check_pattern(trunk, p.spec)

@@ -6,7 +6,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
+
+from pipeline import threads
+
+threads.configure()  # as jobs.prune does, before torch: 2 spinning threads crawl on a busy box
+import torch  # noqa: E402
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

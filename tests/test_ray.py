@@ -188,6 +188,25 @@ def test_moe_stages_equal_single_process(ray_local, tmp_path, tiny_model, short_
     assert sum("expert" in m for r in report(tmp_path / "k2")["layers"] for m in r["modules"].values()) == 2 * 2 * 4
 
 
+def test_two_thread_single_process_equals_one_thread_stages_on_qwen3_moe(ray_local, tmp_path, tiny_model, short_texts):
+    """Issue 22: the single process on 2 threads (the default on 2 cores) against 2 stages of one
+    thread each, on the tiny Qwen3-MoE with 512-token batches, where MKL's threaded Hessian product
+    used to change the bits from layer 0 on (now on one thread: pipeline/solvers/hessian.py)."""
+    model = tiny_model("qwen3_moe")
+    argv = ["--model", model, "--calib", short_texts["calib"], "--eval", short_texts["eval"], "--nsamples", 8,
+            "--seqlen", 64, "--batch-size", 8, "--eval-windows", 1, "--quiet"]
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert prune(argv + ["--out", tmp_path / "single"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    assert report(tmp_path / "single")["determinism"]["torch_threads"] == 2
+    assert prune(argv + ["--out", tmp_path / "k2", "--stages", 2]) == 0
+    assert report(tmp_path / "k2")["determinism"]["torch_threads"] == [1, 1]
+    assert_identical(tmp_path / "single", tmp_path / "k2")
+
+
 def test_dense_mode_gives_the_same_output_for_any_number_of_stages(ray_local, tiny_runs):
     for k in (1, 2, 3):
         assert_identical(tiny_runs("dense", 0), tiny_runs("dense", k))
