@@ -12,9 +12,9 @@ environment, `~/.aws` files or instance roles, as the AWS SDK inside Arrow finds
 (gs://, hdfs://, ...) go to `pyarrow.fs.FileSystem.from_uri` unchanged (not tested here).
 
 Node-local cache, under `$MWPRUNE_CACHE/remote/`: small files and data sources are kept per URI and
-per object identity (size and modification time), tensor byte ranges per object identity and range,
+per object identity (size and ETag, or modification time where a store has no ETag), tensor byte ranges per object identity and range,
 so a restarted stage or a second run on the same node reads them from disk, and an object that
-changed (new size or mtime) is fetched again, never served stale. Tensor ranges are bounded by
+changed (new ETag, size or mtime) is fetched again, never served stale. Tensor ranges are bounded by
 `MWPRUNE_REMOTE_CACHE_GB` (default 20; 0 turns that cache off), oldest first out.
 
 Environment knobs:
@@ -211,8 +211,8 @@ class Store:
             if urlsplit(self.uri).scheme == "s3" and not self._bucket_exists(bucket):
                 return RemoteError(f"bucket {bucket!r} not found ({self.shown})")
             return RemoteError(f"not found: {self.where(rel)}")
-        if isinstance(e, PermissionError) or re.search(r"AccessDenied|Forbidden|403|InvalidAccessKeyId|"
-                                                       r"SignatureDoesNotMatch", msg):
+        if isinstance(e, PermissionError) or re.search(r"access.?denied|forbidden|\b403\b|InvalidAccessKeyId|"
+                                                       r"SignatureDoesNotMatch", msg, re.I):
             return RemoteError(f"access denied to {self.where(rel)}: {msg}")
         if re.search(r"NETWORK_CONNECTION|curlCode|Timeout|timed out|connect", msg, re.I):
             return RemoteError(f"the store for {self.shown} does not answer ({msg})")
@@ -242,11 +242,35 @@ class Store:
             self._infos[rel] = info
         return self._infos[rel]
 
+    def _handle(self, rel: str):
+        """A random-access handle on the object (opening it is one HEAD request), kept open."""
+        f = self._files.get(rel)
+        if f is None:
+            t0 = time.perf_counter()
+            try:
+                f = self._files[rel] = self.fs.open_input_file(self.path(rel))
+            except Exception as e:  # noqa: BLE001
+                raise self._fail(rel, e) from None
+            finally:
+                self.read_seconds += time.perf_counter() - t0
+                self.requests += 1
+        return f
+
     def identity(self, rel: str) -> tuple:
-        """What changes when the object changes: size and modification time."""
+        """What changes when the object changes: its size and ETag where the store gives one (S3),
+        else its modification time."""
+        meta = {}
+        try:
+            meta = {k.lower(): v for k, v in (self._handle(rel).metadata() or {}).items()}
+        except RemoteError:
+            raise
+        except Exception:  # noqa: BLE001 - a file system without metadata
+            pass
+        etag = meta.get("etag")
+        if etag:
+            return (self.info(rel).size, etag.decode() if isinstance(etag, bytes) else str(etag))
         info = self.info(rel)
-        mtime = info.mtime_ns if info.mtime_ns is not None else None
-        return (info.size, mtime)
+        return (info.size, info.mtime_ns)
 
     def list(self, rel: str = "", recursive: bool = False) -> list:
         """FileInfos of the files under `rel` (relative paths in `.path`)."""
@@ -267,11 +291,9 @@ class Store:
         return out
 
     def read_range(self, rel: str, offset: int, length: int) -> bytes:
+        f = self._handle(rel)
         t0 = time.perf_counter()
         try:
-            f = self._files.get(rel)
-            if f is None:
-                f = self._files[rel] = self.fs.open_input_file(self.path(rel))
             data = f.read_at(length, offset)
         except Exception as e:  # noqa: BLE001
             raise self._fail(rel, e) from None
