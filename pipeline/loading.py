@@ -155,13 +155,15 @@ class ModelFiles:
 
     def counters(self) -> dict:
         """What this process read of the model: `model_bytes_read` from the store (or tensor bytes
-        from a local folder), `model_read_s` spent on it; for a URI also the requests made and the
-        bytes served from this node's cache instead."""
+        from a local folder), `model_read_s` spent on it; for a URI also the requests made, the part
+        of the bytes that were whole small files (config, tokenizer) and the bytes served from this
+        node's cache instead of the store."""
         if self.store is None:
             return {"model_bytes_read": self.bytes_read, "model_read_s": round(self.read_seconds, 4)}
         c = self.store.counters()
         return {"model_bytes_read": c["bytes_read"], "model_read_s": round(c["read_seconds"], 4),
-                "model_requests": c["requests"], "model_cache_bytes": c["cache_bytes"]}
+                "model_requests": c["requests"], "model_small_files_bytes": c["small_bytes"],
+                "model_cache_bytes": c["cache_bytes"]}
 
     def fingerprint_parts(self) -> dict:
         """What identifies the weights cheaply: config text and each shard's name and size."""

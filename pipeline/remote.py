@@ -193,6 +193,7 @@ class Store:
         self.read_seconds = 0.0  # spent on store requests (metadata, headers, ranges, small files)
         self.requests = 0
         self.cache_bytes = 0     # served from this node's cache instead
+        self.small_bytes = 0     # part of bytes_read: whole small files (config, tokenizer, data)
         self._files: dict[str, object] = {}
         self._infos: dict[str, object] = {}
         self.cache = RangeCache()
@@ -328,7 +329,9 @@ class Store:
             return folder
         tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
         for rel in rels:
-            _atomic_write(tmp / rel, self.read_all(rel))
+            data = self.read_all(rel)
+            self.small_bytes += len(data)
+            _atomic_write(tmp / rel, data)
         (tmp / ".complete").write_text("")
         try:
             os.replace(tmp, folder)
@@ -338,7 +341,7 @@ class Store:
 
     def counters(self) -> dict:
         return {"bytes_read": self.bytes_read, "read_seconds": self.read_seconds, "requests": self.requests,
-                "cache_bytes": self.cache_bytes}
+                "cache_bytes": self.cache_bytes, "small_bytes": self.small_bytes}
 
     def close(self) -> None:
         for f in self._files.values():

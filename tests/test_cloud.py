@@ -367,6 +367,6 @@ def test_two_stages_from_s3_to_s3_read_their_own_layers(ray_s3, s3, s3_texts, sh
         if f["stage"] == len(facts) - 1:
             own += sizes["model.norm.weight"] + sizes["lm_head.weight"]
         want = own + headers
-        got = f["model_bytes_read"]
+        got = f["model_bytes_read"] - f["model_small_files_bytes"]  # config/tokenizer files: the driver's, here
         assert abs(got - want) <= 0.10 * want, (f["stage"], got, want)
         assert got < total and f["model_read_s"] > 0
