@@ -101,10 +101,10 @@ def filesystem(uri: str):
                                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts), **opts)
     except Exception as e:  # noqa: BLE001
         raise RemoteError(f"cannot open {redact(uri)}: {_first_line(e)}") from None
-    host = parts.hostname or ""
-    if not host:
+    bucket = parts.netloc.rpartition("@")[2]  # as written: hostname would lowercase it
+    if not bucket:
         raise RemoteError(f"no bucket in {redact(uri)}")
-    return fs, posixpath.join(host, parts.path.lstrip("/")).rstrip("/")
+    return fs, posixpath.join(bucket, unquote(parts.path).lstrip("/")).rstrip("/")
 
 
 def _cache_root() -> Path:

@@ -329,16 +329,21 @@ def test_an_endpoint_that_does_not_answer_fails_within_a_minute(s3, s3_texts, ca
 
 
 # -- 3. stages: each reads its own layers --------------------------------------------------------------
-@pytest.fixture(scope="module")
+_RAY = {"ours": False}
+
+
+@pytest.fixture
 def ray_s3(s3):
     """A local Ray started after the server's environment is set, so every worker sees it; logical
-    GPUs so that stages run one thread each, as the single-process references."""
+    GPUs so that stages run one thread each, as the single-process references. Started once, again
+    after a test that used another cluster; the s3 fixture shuts it down with the module."""
     import ray
-    ray.shutdown()
-    ray.init(num_cpus=2, num_gpus=3, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
-    yield ray
-    ray.shutdown()
+    if not (_RAY["ours"] and ray.is_initialized()):
+        ray.shutdown()
+        ray.init(num_cpus=2, num_gpus=3, include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+        _RAY["ours"] = True
+    return ray
 
 
 @pytest.mark.parametrize("mode", ["sequential", "dense"])
@@ -370,3 +375,75 @@ def test_two_stages_from_s3_to_s3_read_their_own_layers(ray_s3, s3, s3_texts, sh
         got = f["model_bytes_read"] - f["model_small_files_bytes"]  # config/tokenizer files: the driver's, here
         assert abs(got - want) <= 0.10 * want, (f["stage"], got, want)
         assert got < total and f["model_read_s"] > 0
+
+
+# -- 4. a cluster without a shared disk; a stage killed mid-run --------------------------------------
+def test_cluster_without_a_shared_disk_reads_the_model_from_s3(s3, s3_texts, short_texts, tmp_path,
+                                                                real_model_dir, monkeypatch):
+    """A fake cluster (a head without GPUs, two nodes with two logical GPUs each), stages forced onto
+    both nodes, and the model only on S3 (its local copy is moved away during the run, so no process
+    could read it from disk): the job completes, each node read its stage's part from the store, and
+    the output equals the local single process."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    model = make_model(tmp_path / "model", real_model_dir, num_hidden_layers=4, tie_word_embeddings=False)
+    uri = s3.upload(model, "cluster/tiny")
+    hidden = tmp_path / ".away"
+    model.rename(hidden)
+    ray.shutdown()
+    _RAY["ours"] = False
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
+    try:
+        nodes = {cluster.add_node(num_cpus=1, num_gpus=2).node_id for _ in range(2)}
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="WARNING",
+                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+        monkeypatch.setenv("MWPRUNE_PLACEMENT", "STRICT_SPREAD")
+        out = "s3://models/cluster/out"
+        assert prune(tiny_argv(uri, s3_texts, out, "--stages", 2)) == 0
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        hidden.rename(model)
+    facts = s3_report(s3, out)["pipeline"]["stage_facts"]
+    assert {f["node_id"] for f in facts} == nodes  # one stage on each node
+    assert all(0 < f["model_bytes_read"] < sum(tensor_bytes(model).values()) for f in facts)
+    single_reference(tiny_argv(model, short_texts, tmp_path / "local"))
+    assert_identical(tmp_path / "local", s3.download(out, tmp_path / "from-s3"))
+
+
+def test_killed_stage_with_input_and_output_on_s3_resumes_unchanged(ray_s3, s3, s3_texts, short_texts, tmp_path,
+                                                                   real_model_dir):
+    """kill -9 of the stage processes mid-run, model and output on S3: the driver restarts the stages,
+    committed layers are loaded back from S3 (the lease on --out is taken again by the same driver),
+    only unfinished layers are solved again, and the output equals the uninterrupted local run."""
+    import psutil
+    import signal as sig
+
+    from test_cli import slow_model
+
+    model = slow_model(tmp_path, real_model_dir)
+    uri = s3.upload(model, "killed/slow")
+    out = "s3://models/killed/out"
+    argv = tiny_argv(uri, s3_texts, out, "--method", "multiweight", "--refit", "exact", "--stages", 2)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(code=prune(argv)), daemon=True)
+    worker.start()
+    layers = "killed/out/.mwprune/layers"
+    deadline = time.time() + 400
+    while time.time() < deadline and len([k for k in s3.keys(layers) if k.endswith(".json")]) < 5 and worker.is_alive():
+        time.sleep(0.1)
+    pids = [p.pid for p in psutil.Process().children(recursive=True)
+            if any("ray::Stage" in part for part in (p.cmdline() or [p.name()]))]
+    killed_at = len([k for k in s3.keys(layers) if k.endswith(".json")])
+    assert pids and 5 <= killed_at < 8, (pids, killed_at)
+    for pid in pids:
+        os.kill(int(pid), sig.SIGKILL)
+    worker.join(600)
+    assert result.get("code") == 0
+    rep = s3_report(s3, out)
+    assert rep["layers_resumed"] >= killed_at and rep["layers_solved"] == 8 - rep["layers_resumed"]
+    with one_thread():
+        single_reference(tiny_argv(model, short_texts, tmp_path / "ref", "--method", "multiweight", "--refit", "exact"))
+    assert_identical(tmp_path / "ref", s3.download(out, tmp_path / "from-s3"))
