@@ -204,7 +204,8 @@ def main(argv=None, prog: str = "python -m jobs.prune") -> int:
     except Exception as e:  # every failure is one line unless --debug
         if a.debug:
             raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        from pipeline.remote import redact
+        msg = redact(str(e).splitlines()[0]) if str(e) else type(e).__name__  # a URI's keys never shown
         print(f"error: {msg}", file=sys.stderr)
         return 2
     from pipeline.remote import redact

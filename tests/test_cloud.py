@@ -193,6 +193,20 @@ def test_single_process_s3_to_s3_equals_local(s3, s3_texts, tiny_model, short_te
     assert_identical(local, s3.download("s3://models/single/out2", tmp_path / "again"))
 
 
+@pytest.mark.slow
+def test_single_process_s3_to_s3_equals_local_on_real_model(s3, s3_texts, real_model_dir, short_texts, tmp_path):
+    """SmolLM2-135M (30 layers, float32, 538 MB) on S3: sparsegpt from s3:// to s3:// equals the local
+    folder's run bit for bit, and every tensor byte came from the store exactly once."""
+    uri = s3.upload(real_model_dir, "real/smollm2")
+    extra = ["--method", "sparsegpt", "--nsamples", 4, "--seqlen", 64, "--eval-windows", 1]
+    ref = single_reference(tiny_argv(real_model_dir, short_texts, tmp_path / "local", *extra))
+    got = single_reference(tiny_argv(uri, s3_texts, "s3://models/real/out", *extra))
+    assert_identical(tmp_path / "local", s3.download("s3://models/real/out", tmp_path / "from-s3"))
+    assert got["perplexity"] == ref["perplexity"]
+    assert got["model_bytes_read"] - got["model_small_files_bytes"] == \
+        sum(header_bytes(real_model_dir).values()) + sum(tensor_bytes(real_model_dir).values())
+
+
 def test_a_changed_object_is_never_served_from_the_cache(s3, tmp_path, real_model_dir, monkeypatch):
     """Same key, same size, new bytes: the cache keys on the ETag, so the new tensor is read. And the
     range cache stays under its bound."""
@@ -280,6 +294,13 @@ def test_bad_cloud_input_is_one_line(s3, s3_texts, bad_models, capsys, case, nee
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
         return
     fails_cleanly(capsys, argv, out, needle, s3)
+
+
+def test_keys_in_a_uri_never_reach_a_message(s3, s3_texts, capsys):
+    line = fails_cleanly(capsys, tiny_argv("s3://testing:sEcReT1@models/bad/nothing-here", s3_texts,
+                                           "s3://models/bad-out/creds"), "s3://models/bad-out/creds",
+                         "model not found: s3://***@models/bad/nothing-here", s3)
+    assert "sEcReT1" not in line
 
 
 def test_access_denied_is_one_line(s3, s3_texts, capsys, monkeypatch):
