@@ -571,8 +571,8 @@ def cloud(a, work: Path) -> dict:
              "cache: tensor bytes served from the node's cache (a tensor asked for again, or read by another "
              "process of this node); needed: its layers, the headers, the parts it owns; "
              "asked / needed = (read - small files + cache) / needed",
-             "", "| source | K | process | layers | MB read | of which small files | MB from cache | share of checkpoint "
-             "| asked / needed | read s | job wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| source | K | process | layers | MB read | of which small files | tensor MB from node cache "
+             "| share of checkpoint read | asked / needed | read s | job wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ls = f"{r['layers'][0]}-{r['layers'][-1]}" if r["layers"] else "-"
         asked = r["bytes"] - r["small_files"] + r["cache"]

@@ -156,8 +156,8 @@ class ModelFiles:
     def counters(self) -> dict:
         """What this process read of the model: `model_bytes_read` from the store (or tensor bytes
         from a local folder), `model_read_s` spent on it; for a URI also the requests made, the part
-        of the bytes that were whole small files (config, tokenizer) and the bytes served from this
-        node's cache instead of the store."""
+        of the bytes that were whole small files (config, tokenizer) and the tensor bytes served from
+        this node's cache instead of the store."""
         if self.store is None:
             return {"model_bytes_read": self.bytes_read, "model_read_s": round(self.read_seconds, 4)}
         c = self.store.counters()

@@ -192,7 +192,7 @@ class Store:
         self.bytes_read = 0      # from the store
         self.read_seconds = 0.0  # spent on store requests (metadata, headers, ranges, small files)
         self.requests = 0
-        self.cache_bytes = 0     # served from this node's cache instead
+        self.cache_bytes = 0     # tensor bytes served from this node's cache instead
         self.small_bytes = 0     # part of bytes_read: whole small files (config, tokenizer, data)
         self._files: dict[str, object] = {}
         self._infos: dict[str, object] = {}
@@ -323,9 +323,7 @@ class Store:
     def fetch_to(self, rels: list[str], folder: Path) -> Path:
         """Copy objects `rels` (relative to this prefix) into `folder` under the same names; a folder
         that is complete (its marker written last) is reused as is."""
-        if (folder / ".complete").is_file():
-            for rel in rels:
-                self.cache_bytes += (folder / rel).stat().st_size
+        if (folder / ".complete").is_file():  # not counted in cache_bytes, which counts tensor bytes
             return folder
         tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
         for rel in rels:
@@ -454,8 +452,6 @@ def fetch_data(spec: str) -> tuple[Path, str | None]:
         dest = _cache_root() / "data" / key / name
         if not dest.is_file():
             _atomic_write(dest, store.read_all(""))
-        else:
-            store.cache_bytes += dest.stat().st_size
         return dest, split
     rels = sorted(posixpath.relpath(i.path, store.root) for i in files)
     key = _key(store.uri, *[(r, *store.identity(r)) for r in rels])
