@@ -572,7 +572,8 @@ def cloud(a, work: Path) -> dict:
              "process of this node); needed: its layers, the headers, the parts it owns; "
              "asked / needed = (read - small files + cache) / needed",
              "", "| source | K | process | layers | MB read | of which small files | tensor MB from node cache "
-             "| share of checkpoint read | asked / needed | read s | job wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| share of checkpoint read | asked / needed | read s | job wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ls = f"{r['layers'][0]}-{r['layers'][-1]}" if r["layers"] else "-"
         asked = r["bytes"] - r["small_files"] + r["cache"]

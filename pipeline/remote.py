@@ -12,9 +12,10 @@ environment, `~/.aws` files or instance roles, as the AWS SDK inside Arrow finds
 (gs://, hdfs://, ...) go to `pyarrow.fs.FileSystem.from_uri` unchanged (not tested here).
 
 Node-local cache, under `$MWPRUNE_CACHE/remote/`: small files and data sources are kept per URI and
-per object identity (size and ETag, or modification time where a store has no ETag), tensor byte ranges per object identity and range,
-so a restarted stage or a second run on the same node reads them from disk, and an object that
-changed (new ETag, size or mtime) is fetched again, never served stale. Tensor ranges are bounded by
+per object identity (size and ETag, or modification time where a store has no ETag), tensor byte
+ranges per object identity and range, so a restarted stage or a second run on the same node reads
+them from disk, and an object that changed (new ETag, size or mtime) is fetched again, never served
+stale. Tensor ranges are bounded by
 `MWPRUNE_REMOTE_CACHE_GB` (default 20; 0 turns that cache off), oldest first out.
 
 Environment knobs:
@@ -358,7 +359,8 @@ def parse_header(raw: bytes, where: str, size: int, n: int) -> dict:
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
     except ValueError as e:
-        raise RemoteError(f"corrupt or truncated safetensors file {where}: unreadable header ({_first_line(e)})") from None
+        raise RemoteError(f"corrupt or truncated safetensors file {where}: unreadable header "
+                          f"({_first_line(e)})") from None
     data_size = size - 8 - n
     out = {}
     for name, t in header.items():

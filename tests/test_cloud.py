@@ -147,7 +147,8 @@ def tensor_bytes(folder: Path) -> dict[str, int]:
 def small_file_bytes(folder: Path) -> int:
     from pipeline.loading import is_small_file
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and (
-        f.name == "model.safetensors.index.json" or (not f.name.startswith("model") and is_small_file(f.name, f.stat().st_size))))
+        f.name == "model.safetensors.index.json"
+        or (not f.name.startswith("model") and is_small_file(f.name, f.stat().st_size))))
 
 
 def s3_report(s3: S3, uri: str) -> dict:
