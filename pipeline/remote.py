@@ -20,7 +20,7 @@ stale. Tensor ranges are bounded by
 
 Environment knobs:
     MWPRUNE_REMOTE_ATTEMPTS    tries per S3 request (default 3; the SDK's standard retry strategy)
-    MWPRUNE_REMOTE_TIMEOUT     seconds without a byte before a request is given up (default 15)
+    MWPRUNE_REMOTE_TIMEOUT     seconds without a byte before a request is given up (default 10)
     MWPRUNE_REMOTE_CACHE_GB    bound of the tensor-range cache per node (default 20; 0 = off)
 """
 from __future__ import annotations
@@ -95,7 +95,7 @@ def filesystem(uri: str):
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint and "endpoint_override" not in opts:
         opts["endpoint_override"] = endpoint
-    timeout = _env_float("MWPRUNE_REMOTE_TIMEOUT", 15)
+    timeout = _env_float("MWPRUNE_REMOTE_TIMEOUT", 10)
     attempts = max(1, int(_env_float("MWPRUNE_REMOTE_ATTEMPTS", 3)))
     try:
         fs = pafs.S3FileSystem(connect_timeout=min(timeout, 5.0), request_timeout=timeout,
