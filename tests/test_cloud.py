@@ -237,6 +237,24 @@ def test_a_changed_object_is_never_served_from_the_cache(s3, tmp_path, real_mode
     assert 0 < cached <= 200_000
 
 
+def test_one_writer_per_s3_output(s3, capsys):
+    """The lease on an S3 --out: a second run is refused while the first holds it (one line naming
+    the holder), and may claim the output once the first has released it."""
+    from pipeline.checkpoint import OutputBusy, OutputDir
+
+    first = OutputDir("s3://models/lease/out")
+    assert first.begin({"n_layers": 1, "x": 1}) == "new"
+    try:
+        with pytest.raises(OutputBusy, match="is being written by another run"):
+            OutputDir("s3://models/lease/out").begin({"n_layers": 1, "x": 1})
+    finally:
+        first.release()
+    second = OutputDir("s3://models/lease/out")
+    assert second.begin({"n_layers": 1, "x": 1}) == "resume"
+    second.release()
+    assert not any(k.endswith(".mwprune/lock") for k in s3.keys("lease/out"))  # released: the lease is gone
+
+
 def test_credentials_in_uris_are_redacted():
     from pipeline.remote import redact
     assert redact("s3://AKIA:sEcReT@bkt/m") == "s3://***@bkt/m"
