@@ -255,6 +255,21 @@ def test_one_writer_per_s3_output(s3, capsys):
     assert not any(k.endswith(".mwprune/lock") for k in s3.keys("lease/out"))  # released: the lease is gone
 
 
+def test_data_folders_and_splits_from_s3(s3, tmp_path):
+    """--calib / --eval may name a dataset folder on S3 (fetched whole to the node cache, then read
+    as a local folder), with :SPLIT as locally; the report names the URI, not the cache."""
+    from pipeline import data
+    rows = {"train": ["alpha text one", "alpha text two"], "test": ["beta text", "beta again", "beta three"]}
+    for split, texts in rows.items():
+        s3.put(f"ds/{split}.jsonl", "\n".join(json.dumps({"text": t}) for t in texts).encode())
+    calib = data.load_documents("s3://models/ds", role="calib")
+    assert calib.split == "train" and calib.texts() == rows["train"] and calib.describe()["file"] == "s3://models/ds"
+    test = data.load_documents("s3://models/ds:test")
+    assert test.split == "test" and test.texts() == rows["test"]
+    with pytest.raises(data.DataError, match="no split 'dev'"):
+        data.load_documents("s3://models/ds:dev")
+
+
 def test_credentials_in_uris_are_redacted():
     from pipeline.remote import redact
     assert redact("s3://AKIA:sEcReT@bkt/m") == "s3://***@bkt/m"
