@@ -194,6 +194,18 @@ def test_single_process_s3_to_s3_equals_local(s3, s3_texts, tiny_model, short_te
     assert_identical(local, s3.download("s3://models/single/out2", tmp_path / "again"))
 
 
+def test_moe_from_s3_equals_local(s3, s3_texts, tiny_model, short_texts, tmp_path):
+    """A tiny mixture of experts (one checkpoint tensor per expert, fused by transformers' conversion
+    when loaded) read by range from S3: the same output as from the local folder."""
+    model = tiny_model("qwen3_moe")
+    uri = s3.upload(model, "moe/tiny")
+    single_reference(tiny_argv(model, short_texts, tmp_path / "local"))
+    got = single_reference(tiny_argv(uri, s3_texts, "s3://models/moe/out"))
+    assert_identical(tmp_path / "local", s3.download("s3://models/moe/out", tmp_path / "from-s3"))
+    assert got["model_bytes_read"] - got["model_small_files_bytes"] == \
+        sum(header_bytes(model).values()) + sum(tensor_bytes(model).values())
+
+
 @pytest.mark.slow
 def test_single_process_s3_to_s3_equals_local_on_real_model(s3, s3_texts, real_model_dir, short_texts, tmp_path):
     """SmolLM2-135M (30 layers, float32, 538 MB) on S3: sparsegpt from s3:// to s3:// equals the local
