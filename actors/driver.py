@@ -328,7 +328,7 @@ class Driver:
         # 1. Everything that needs no cluster, so bad input costs nothing and writes nothing.
         probe = dataclasses.replace(cfg, device="cpu" if cfg.device in ("auto", "cuda") else cfg.device)
         probe.resolve()
-        folder = model_folder(cfg.model)
+        folder = model_folder(cfg.model)  # a local folder, or a URI each stage reads by range
         files = loading.ModelFiles(folder)
         skeleton = Trunk(files, "cpu")  # meta device: names and parameter counts only
         n_layers = skeleton.n_layers
@@ -367,17 +367,17 @@ class Driver:
                 for s in range(k)]
             ready0 = self._call(0, "ready")
             warm = [self._call(s, "warm", str(folder), cfg.model) for s in range(k)]
-            p = self._prepare(ready0)
+            p = self._prepare(ready0, files)
             self._wait(warm[:1], 1)  # the first stage can read the model: now the output may be claimed
 
             out = OutputDir(cfg.out)
             status = out.begin(fingerprint(p, slices), cfg.overwrite)
             self.progress = Progress(n_layers, self.quiet, sys.stderr)  # the stderr of now, not of import time
             if status == "complete":
-                self.progress.note(f"{cfg.out} already holds this run, complete; nothing to do")
+                self.progress.note(f"{out.uri} already holds this run, complete; nothing to do")
                 return completed_report(out)
             if status == "resume":
-                self.progress.note(f"resuming in {cfg.out}: {len(out.committed())} of {n_layers} layers already done")
+                self.progress.note(f"resuming in {out.uri}: {len(out.committed())} of {n_layers} layers already done")
             out_uri = out.root if out.local else cfg.out
             dtype = str(p.dtype).removeprefix("torch.")
             # Not waited for: each stage's later calls queue behind its setup, and later stages finish
@@ -423,7 +423,7 @@ class Driver:
             if own:
                 ray.shutdown()
 
-    def _prepare(self, ready0):
+    def _prepare(self, ready0, files=None):
         """prepare() for the device the first stage sees (CUDA only if torch sees it there), which may
         not be the driver's: a job's driver often runs on a head node without GPUs. The other stages
         check in `setup` that they see the same."""
@@ -440,11 +440,11 @@ class Driver:
             gpu_defaults = dataclasses.replace(c, device="cpu",
                                                nsamples=128 if c.nsamples is None else c.nsamples,
                                                seqlen=2048 if c.seqlen is None else c.seqlen)
-            p = prepare(gpu_defaults)
+            p = prepare(gpu_defaults, files)
             p.cfg.device = "cuda"
             p.dtype = run_dtype(p.cfg, p.files)
         else:
-            p = prepare(c)
+            p = prepare(c, files)
         for name in ("device", "nsamples", "seqlen"):  # the caller sees what ran, as with run()
             setattr(cfg, name, getattr(p.cfg, name))
         return p

@@ -263,7 +263,9 @@ class Stage:
         """Read the model's config and shard headers, and import its modeling code: the slow part of
         a fresh process, done while the driver tokenizes."""
         def f(folder):
-            if not os.path.isdir(folder):  # another node: the driver's converted copy is not here
+            # A URI (s3://...) is read by range from here, whatever the node; a local folder that is not
+            # here (another node: the driver's converted copy of a .gguf) is resolved again from --model.
+            if not loading.remote.is_uri(folder) and not os.path.isdir(folder):
                 from pipeline.run import model_folder
                 folder = str(model_folder(model))
             self.files = loading.ModelFiles(folder)
@@ -489,6 +491,8 @@ class Stage:
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "base_rss_mb": self.base_rss_mb, "rss_now_mb": current_rss_mb(), "shared_rss_mb": shared_rss_mb(),
                "heap_capped": self.heap_capped,
+               # what this stage read of the model: its layers, the shards' headers, the parts it owns
+               **self.files.counters(),
                "events": [(n, round(a, 4), round(b, 4)) for n, a, b in events], "clock": now}
         if self.device == "cuda":
             out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20

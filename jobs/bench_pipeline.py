@@ -15,7 +15,7 @@ held-out perplexity of each mode. Wall times are medians over --repeats runs wit
 markdown table goes to stdout, everything to the JSON file --out, and the stage timeline of the
 largest K of each mode to timeline_<mode>.png next to it.
 
-`--sections` adds two checks to the default `pipeline`:
+`--sections` adds checks to the default `pipeline`:
 
     memory   each stage's base (torch, transformers, Ray, the meta skeleton) and peak resident memory
              on a random Llama written in bf16 to a temporary folder (default: 24 layers, hidden 1536,
@@ -32,6 +32,13 @@ largest K of each mode to timeline_<mode>.png next to it.
              multiweight + cg at 2:4, a solve-heavy run) for K in --spread-stages; wall time, busy %
              per stage, perplexity, and how far the weights are from the single process's
              (max |dW| / max |W| over every matrix). Target: >= 1.6x at K = 2 on a 2-core machine.
+    cloud    the model on S3 against the same model in a local folder, at K in --cloud-stages (K = 1:
+             the single-process job; K > 1: sequential stages): bytes each process read of the model
+             and its reading seconds (report.json's model_bytes_read / model_read_s, per stage from
+             stage_facts), against what it needs (its layers, the headers, the parts it owns). The
+             store is moto's S3 server started here on a free port unless --cloud-model names an
+             s3:// URI (the endpoint then comes from AWS_ENDPOINT_URL, as for any run); the node
+             cache is emptied before each run, so every byte counted came from the store.
 """
 from __future__ import annotations
 
@@ -78,6 +85,10 @@ def parse(argv=None):
     p.add_argument("--spread-refit", default="cg")
     p.add_argument("--spread-stages", default="2,3")
     p.add_argument("--spread-runs", default="alone,spread", help="which sequential runs per K: alone, spread")
+    p.add_argument("--cloud-model", default=None,
+                   help="cloud: an s3:// URI of --model's files (default: upload --model to a local moto server)")
+    p.add_argument("--cloud-stages", default="1,2,3")
+    p.add_argument("--cloud-method", default="magnitude", help="cloud: the solver (reading is what is measured)")
     p.add_argument("--unpinned", action="store_true",
                    help="thread check: also run without pinning the solvers' Cholesky to one thread")
     return p.parse_args(argv)
@@ -458,12 +469,136 @@ def spread(a, work: Path) -> dict:
             "rows": rows, "table": table, "met": met}
 
 
+def _checkpoint_parts(folder: Path) -> tuple[dict[str, int], int]:
+    """Tensor name -> data bytes, and the header bytes of all shards, from the local copy."""
+    sizes, headers = {}, 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            headers += 8 + n
+            for k, t in json.loads(fh.read(n)).items():
+                if k != "__metadata__":
+                    sizes[k] = t["data_offsets"][1] - t["data_offsets"][0]
+    return sizes, headers
+
+
+def cloud(a, work: Path) -> dict:
+    """See the module docstring (cloud)."""
+    import ray
+    import torch
+
+    from actors.driver import run_distributed
+    from pipeline import assets, loading
+    from pipeline.run import RunConfig, run
+
+    folder = Path(a.model) if a.model else assets.default_model_dir()
+    server = None
+    os.environ["MWPRUNE_CACHE"] = str(work / "cache")  # before Ray starts: its workers inherit it
+    uri = a.cloud_model
+    if uri is None:
+        import logging
+        import socket
+
+        import boto3
+        from moto.server import ThreadedMotoServer
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                          AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="bench")
+        t0 = time.perf_counter()
+        for f in sorted(folder.iterdir()):
+            if f.is_file():
+                client.upload_file(str(f), "bench", f"model/{f.name}")
+        print(f"cloud: uploaded {folder} to the local S3 server in {time.perf_counter() - t0:.1f}s",
+              file=sys.stderr, flush=True)
+        uri = "s3://bench/model"
+    sizes, headers = _checkpoint_parts(folder)
+    total = sum(sizes.values())
+    ks = [int(k) for k in a.cloud_stages.split(",")]
+    init_ray(a.cpus, max(ks))
+    files = loading.ModelFiles(folder)
+    from pipeline.calibrate import Trunk
+    trunk = Trunk(files, "cpu")
+    before, after = trunk.before, trunk.after
+
+    conv = trunk.model._mwprune_conversion
+
+    def needs(layers: list[int], first: bool, last: bool) -> int:
+        """Bytes a process needs: the headers, its layers, the embeddings (first), the tail and head
+        (last; a tied head is the embedding tensor)."""
+        keys = {k for i in layers for k in trunk.layer_keys(i)}
+        for group, yes in ((before, first), (after, last)):
+            for p in group if yes else []:
+                got = conv.keys_for(p) or [k for b in before for k in conv.keys_for(b)]  # tied head
+                keys |= set(got)
+        return headers + sum(sizes.get(k, 0) for k in keys)
+
+    rows = []
+    try:
+        torch.set_num_threads(1)
+        for k in ks:
+            for source, model in (("local folder", str(folder)), ("s3", uri)):
+                shutil.rmtree(work / "cache" / "remote", ignore_errors=True)  # every byte from the store
+                out = work / f"cloud-{k}-{source.split()[0]}"
+                shutil.rmtree(out, ignore_errors=True)
+                cfg = RunConfig(out=str(out), model=model, method=a.cloud_method, nsamples=a.nsamples,
+                                seqlen=a.seqlen, eval_windows=a.eval_windows, batch_size=a.batch_size,
+                                mode="sequential", stages=None if k == 1 else k).resolve()
+                t0 = time.perf_counter()
+                rep = (run if k == 1 else run_distributed)(cfg, quiet=True)
+                wall = time.perf_counter() - t0
+                def row(name, c, layers, first, last):
+                    return {"process": name, "layers": layers, "bytes": c["model_bytes_read"],
+                            "small_files": c.get("model_small_files_bytes", 0), "cache": c.get("model_cache_bytes", 0),
+                            "read_s": c["model_read_s"], "requests": c.get("model_requests"),
+                            "needs": needs(layers, first, last)}
+                procs = [row("single process", rep, list(range(trunk.n_layers)), True, True)]
+                if k > 1:  # the driver reads the parts outside the layers for the output (finish)
+                    procs = [row("driver", rep, [], True, True)] + [
+                        row(f"stage {f['stage']}", f, f["layers"], f["stage"] == 0, f["stage"] == k - 1)
+                        for f in rep["pipeline"]["stage_facts"]]
+                for p in procs:
+                    rows.append({"source": source, "stages": k, "wall_s": round(wall, 2), **p})
+                print(f"cloud: {source}, K = {k}: {wall:.1f}s", file=sys.stderr, flush=True)
+    finally:
+        ray.shutdown()
+        if server is not None:
+            server.stop()
+    lines = [f"checkpoint: {total / 1e6:.1f} MB of tensors, {headers} header bytes; {trunk.n_layers} layers",
+             "MB read: from the store (s3) or the files (local folder), config and tokenizer files included; "
+             "cache: tensor bytes served from the node's cache (a tensor asked for again, or read by another "
+             "process of this node); needed: its layers, the headers, the parts it owns; "
+             "asked / needed = (read - small files + cache) / needed",
+             "", "| source | K | process | layers | MB read | of which small files | tensor MB from node cache "
+             "| share of checkpoint read | asked / needed | read s | job wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ls = f"{r['layers'][0]}-{r['layers'][-1]}" if r["layers"] else "-"
+        asked = r["bytes"] - r["small_files"] + r["cache"]
+        lines.append(f"| {r['source']} | {r['stages']} | {r['process']} | {ls} | {r['bytes'] / 1e6:.2f} | "
+                     f"{r['small_files'] / 1e6:.2f} | {r['cache'] / 1e6:.2f} | "
+                     f"{(r['bytes'] - r['small_files']) / (total + headers):.3f} | {asked / r['needs']:.3f} | "
+                     f"{r['read_s']:.2f} | {r['wall_s']:.1f} |")
+    table = "\n".join(lines)
+    print(table)
+    return {"setup": {"model": str(folder), "uri": uri, "method": a.cloud_method, "nsamples": a.nsamples,
+                      "seqlen": a.seqlen, "eval_windows": a.eval_windows, "tensor_bytes": total,
+                      "header_bytes": headers, "store": "moto (local)" if server is not None else "given"},
+            "rows": rows, "table": table}
+
+
 def main(argv=None) -> int:
     a = parse(argv)
     sections = [x for x in a.sections.split(",") if x]
-    unknown = set(sections) - {"pipeline", "memory", "threads", "spread"}
+    unknown = set(sections) - {"pipeline", "memory", "threads", "spread", "cloud"}
     if unknown:
-        print(f"error: unknown section(s) {', '.join(sorted(unknown))}; choose pipeline, memory, threads, spread",
+        print(f"error: unknown section(s) {', '.join(sorted(unknown))}; choose pipeline, memory, threads, spread, cloud",
               file=sys.stderr)
         return 2
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
@@ -478,6 +613,8 @@ def main(argv=None) -> int:
             result["threads"] = threads(a, work)
         if "spread" in sections:
             result["spread"] = spread(a, work)
+        if "cloud" in sections:
+            result["cloud"] = cloud(a, work)
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -208,14 +208,16 @@ def main(argv=None, prog: str = "python -m jobs.prune") -> int:
     except Exception as e:  # every failure is one line unless --debug
         if a.debug:
             raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        from pipeline.remote import redact
+        msg = redact(str(e).splitlines()[0]) if str(e) else type(e).__name__  # a URI's keys never shown
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    from pipeline.remote import redact
     print(summary(report))
     if report.get("already_complete"):
-        print(f"{cfg.out} already held this run, complete: nothing was done, nothing written")
+        print(f"{redact(cfg.out)} already held this run, complete: nothing was done, nothing written")
     else:
-        print(f"wrote {cfg.out}")
+        print(f"wrote {redact(cfg.out)}")
     return 0
 
 

@@ -61,9 +61,10 @@ class OutputBusy(OutputError):
 def _open_fs(uri: str):
     import pyarrow.fs as pafs
 
-    if "://" in uri:
-        fs, path = pafs.FileSystem.from_uri(uri)
-        return fs, path.rstrip("/"), False
+    from . import remote
+    if remote.is_uri(uri):  # S3 with bounded timeouts and retries, endpoint from AWS_ENDPOINT_URL
+        fs, path = remote.filesystem(uri)
+        return fs, path, False
     return pafs.LocalFileSystem(), str(Path(uri).absolute()), True
 
 
@@ -84,7 +85,8 @@ def safetensors_header(read) -> dict:
 
 class OutputDir:
     def __init__(self, uri: str):
-        self.uri = uri
+        from .remote import redact
+        self.uri = redact(uri)  # in every message: never a credential
         self.fs, self.root, self.local = _open_fs(uri)
         self._n_layers: int | None = None
 
@@ -281,7 +283,7 @@ class OutputDir:
         self.write_json("model.safetensors.index.json", {"metadata": {"total_size": total},
                                                          "weight_map": dict(sorted(weight_map.items()))})
         for f in sorted(Path(model_folder).iterdir()):  # tokenizer, generation config, chat template...
-            if f.is_file() and f.name != "config.json" and not f.name.startswith("model") \
+            if f.is_file() and f.name != "config.json" and not f.name.startswith(("model", ".")) \
                     and f.suffix not in (".safetensors", ".bin", ".gguf", ".pt") and f.stat().st_size < 64 << 20:
                 self.write_bytes(f.name, f.read_bytes())
         self.write_json("report.json", report)

@@ -175,6 +175,20 @@ def load_documents(spec: str | Path, text_field: str = "text", role: str = "eval
     several: calib -> train; eval -> test, then validation. Every failure is one DataError that
     names the file, split or column."""
     spec = str(spec)
+    from . import remote
+    if remote.is_uri(spec):  # an object store: the file or dataset folder is fetched to this node's cache
+        shown = remote.redact(spec)
+        try:
+            path, split = remote.fetch_data(spec)
+        except remote.RemoteError as e:
+            raise DataError(f"data {e}" if str(e).startswith(("not found", "bucket")) else str(e)) from None
+        try:
+            with _quiet_datasets():
+                return _local(shown, path, split, text_field, role)
+        except DataError as e:
+            raise DataError(str(e).replace(str(path), shown)) from None
+        except Exception as e:  # noqa: BLE001 - any reader's failure is one bad-input message
+            raise DataError(f"unreadable data {shown}: {_first_line(e)}") from None
     path, split = Path(spec).expanduser(), None
     if not path.exists() and ":" in spec and Path(spec.rsplit(":", 1)[0]).expanduser().is_dir():
         path, split = Path(spec.rsplit(":", 1)[0]).expanduser(), spec.rsplit(":", 1)[1]  # FOLDER:SPLIT

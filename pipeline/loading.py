@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import remote
 from .models import Adapter, get_adapter
 
 
@@ -23,35 +25,75 @@ class ModelFilesError(ValueError):
     pass
 
 
-class ModelFiles:
-    """A HF folder: config plus safetensors shards, indexed by tensor name."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".h5", ".msgpack", ".onnx")
+SMALL_FILE = 64 << 20  # bytes: tokenizer and config files are far smaller; weights far larger
 
-    def __init__(self, folder: str | os.PathLike):
-        from safetensors import safe_open
+
+def is_small_file(name: str, size: int) -> bool:
+    """Files that travel with a model but are not weights (tokenizer, generation config, chat
+    template): fetched whole from a remote model, copied to the output."""
+    return not name.startswith(".") and Path(name).suffix not in WEIGHT_SUFFIXES and size < SMALL_FILE
+
+
+class ModelFiles:
+    """A HF folder: config plus safetensors shards, indexed by tensor name.
+
+    `source` is a local folder or a URI (s3://..., see pipeline/remote.py). For a URI, the small
+    files are fetched into a cache folder (`folder`, so transformers and the output read them as
+    local files) and tensors are read by byte range; nothing else is downloaded. `bytes_read` and
+    `read_seconds` count what this object read (store requests for a URI, tensor bytes for a folder).
+    """
+
+    def __init__(self, source: str | os.PathLike):
         from transformers import AutoConfig
 
-        self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise ModelFilesError(f"model folder not found: {self.folder}")
-        if not (self.folder / "config.json").is_file():
-            raise ModelFilesError(f"no config.json in model folder {self.folder}")
+        self.store = None
+        self.bytes_read, self.read_seconds = 0, 0.0
+        if remote.is_uri(str(source)):
+            self.source = remote.redact(str(source))
+            self.store = remote.Store(str(source))
+            self.folder = self._fetch_small_files()
+        else:
+            self.folder = Path(source)
+            self.source = str(self.folder)
+            if not self.folder.is_dir():
+                raise ModelFilesError(f"model folder not found: {self.folder}")
+            if not (self.folder / "config.json").is_file():
+                raise ModelFilesError(f"no config.json in model folder {self.folder}")
         try:
             self.config = AutoConfig.from_pretrained(self.folder)
         except Exception as e:  # noqa: BLE001 - any parse failure is one bad-input message
-            raise ModelFilesError(f"unreadable config.json in {self.folder}: {str(e).splitlines()[0]}") from None
+            raise ModelFilesError(f"unreadable config.json in {self.source}: {str(e).splitlines()[0]}") from None
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif (self.folder / "model.safetensors").is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ModelFilesError(f"unreadable model.safetensors.index.json in {self.source}: {e}") from None
+        elif self.store is not None or (self.folder / "model.safetensors").is_file():
             weight_map = None
         else:
             raise ModelFilesError(f"no safetensors weights in {self.folder} (model.safetensors or an index)")
         self.files: dict[str, str] = {}
         self.dtypes: dict[str, torch.dtype] = {}
+        self.headers: dict[str, dict] = {}  # remote shards: tensor -> dtype, shape, byte range
         shards = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
         for shard in shards:
+            if self.store is not None:
+                try:
+                    self.headers[shard] = header = remote.read_header(self.store, shard)
+                except remote.RemoteError as e:
+                    if str(e).startswith("not found") and weight_map is None:
+                        raise ModelFilesError(f"no safetensors weights in {self.source} (model.safetensors "
+                                              f"or an index)") from None
+                    raise ModelFilesError(str(e)) from None
+                for k, t in header.items():
+                    self.files[k] = shard
+                    self.dtypes[k] = remote.DTYPES.get(t["dtype"], torch.float32)
+                continue
             path = self.folder / shard
             try:
+                from safetensors import safe_open
                 with safe_open(path, framework="pt") as f:
                     for k in f.keys():
                         self.files[k] = shard
@@ -60,26 +102,74 @@ class ModelFiles:
                 raise ModelFilesError(f"corrupt or truncated safetensors file {path}: {str(e).splitlines()[0]}") from None
         self.shards = shards
 
+    def _fetch_small_files(self) -> Path:
+        """config.json, the index and the tokenizer's files of a remote model, into a cache folder
+        keyed by the URI and each file's size and modification time (a changed file: a new folder)."""
+        store = self.store
+        try:
+            listed = {posixpath.relpath(i.path, store.root): i for i in store.list("")}
+            if "config.json" not in listed:
+                store.info("config.json")  # names a missing bucket or prefix, or a refusal
+                raise ModelFilesError(f"no config.json in model {self.source}")  # listed elsewhere
+            names = sorted(n for n, i in listed.items() if n == "model.safetensors.index.json"
+                           or (not n.startswith("model") and is_small_file(n, i.size)))
+            key = remote._key(store.uri, *[(n, *store.identity(n)) for n in names])
+            folder = store.fetch_to(names, remote._cache_root() / "models" / key)
+        except remote.RemoteError as e:
+            if str(e).startswith("not found"):
+                raise ModelFilesError(f"model not found: {self.source} (no config.json)") from None
+            raise ModelFilesError(str(e)) from None
+        return folder
+
     def read(self, names: list[str], device="cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
+        import time
 
         by_file: dict[str, list[str]] = {}
         for n in names:
             by_file.setdefault(self.files[n], []).append(n)
         out = {}
+        t0 = time.perf_counter()
         for shard, ns in by_file.items():
+            if self.store is not None:
+                try:
+                    got = remote.read_tensors(self.store, shard, self.headers[shard], ns)
+                except remote.RemoteError as e:
+                    raise ModelFilesError(str(e)) from None
+                for n in ns:
+                    t = got[n]
+                    out[n] = t.to(device=device, dtype=dtype if (dtype and t.is_floating_point()) else t.dtype)
+                continue
+            from safetensors import safe_open
             try:
                 with safe_open(self.folder / shard, framework="pt", device="cpu") as f:
                     for n in ns:
                         t = f.get_tensor(n)
+                        self.bytes_read += t.numel() * t.element_size()
                         out[n] = t.to(device=device, dtype=dtype if (dtype and t.is_floating_point()) else t.dtype)
             except Exception as e:  # noqa: BLE001
                 raise ModelFilesError(f"corrupt or truncated safetensors file {self.folder / shard}: "
                                       f"{str(e).splitlines()[0]}") from None
+        if self.store is None:
+            self.read_seconds += time.perf_counter() - t0
         return out
+
+    def counters(self) -> dict:
+        """What this process read of the model: `model_bytes_read` from the store (or tensor bytes
+        from a local folder), `model_read_s` spent on it; for a URI also the requests made, the part
+        of the bytes that were whole small files (config, tokenizer) and the tensor bytes served from
+        this node's cache instead of the store."""
+        if self.store is None:
+            return {"model_bytes_read": self.bytes_read, "model_read_s": round(self.read_seconds, 4)}
+        c = self.store.counters()
+        return {"model_bytes_read": c["bytes_read"], "model_read_s": round(c["read_seconds"], 4),
+                "model_requests": c["requests"], "model_small_files_bytes": c["small_bytes"],
+                "model_cache_bytes": c["cache_bytes"]}
 
     def fingerprint_parts(self) -> dict:
         """What identifies the weights cheaply: config text and each shard's name and size."""
+        if self.store is not None:
+            return {"config": (self.folder / "config.json").read_text(),
+                    "shards": {s: self.store.info(s).size for s in self.shards}}
         return {"config": (self.folder / "config.json").read_text(),
                 "shards": {s: (self.folder / s).stat().st_size for s in self.shards}}
 
@@ -210,7 +300,7 @@ def load_module(model: nn.Module, files: ModelFiles, prefix: str, device, dtype:
     for name in sorted(wanted - fed):  # a tied parameter: load the tensor it shares (head ~ embedding)
         alt = next((a for a in aliases.get(name, []) if a in conv.targets), None)
         if alt is None:
-            raise ModelFilesError(f"tensor {name} missing from the checkpoint in {files.folder}")
+            raise ModelFilesError(f"tensor {name} missing from the checkpoint in {files.source}")
         keys += [k for k in conv.keys_for(alt) if alt in conv.sources[k] and k not in keys]
     given = {k: v for k, v in (tensors or {}).items() if k in keys}
     read = files.read(sorted(set(keys) - set(given)))

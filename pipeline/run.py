@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import allocation, assets, data, determinism, loading, threads
+from . import allocation, assets, data, determinism, loading, remote, threads
 from .calibrate import PruneSpec, SliceRunner, Trunk
 from .checkpoint import OutputDir
 from .models.generic import candidates
@@ -104,9 +104,14 @@ class RunConfig:
         return self
 
 
-def model_folder(model: str | None) -> Path:
+def model_folder(model: str | None) -> Path | str:
+    """A local HF folder, or the URI itself for a model on an object store (pipeline/remote.py)."""
     if model is None:
         return assets.default_model_dir()
+    if remote.is_uri(model):
+        if model.split("?")[0].endswith(".gguf"):
+            raise ConfigError(f"a .gguf --model must be a local file; got {remote.redact(model)}")
+        return model
     path = Path(model)
     if not path.exists():
         raise ConfigError(f"model not found: {model}")
@@ -145,12 +150,13 @@ class Prepared:
     dtype: torch.dtype
 
 
-def prepare(cfg: RunConfig) -> Prepared:
+def prepare(cfg: RunConfig, files: loading.ModelFiles | None = None) -> Prepared:
+    """`files`: the model, when the caller has opened it already (its headers are not read twice)."""
     from transformers import AutoTokenizer
 
     cfg.resolve()
-    folder = model_folder(cfg.model)
-    files = loading.ModelFiles(folder)
+    files = files or loading.ModelFiles(model_folder(cfg.model))
+    folder = files.folder  # for a remote model: the cache folder of its config and tokenizer files
     loading.get_adapter(files.config)  # unsupported architectures fail before any work
     max_pos = getattr(files.config, "max_position_embeddings", None)
     if max_pos is not None and cfg.seqlen > max_pos:
@@ -158,7 +164,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     try:
         tok = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"no usable tokenizer in {folder}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ConfigError(f"no usable tokenizer in {files.source}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     first, first_tok = data.first_token_id(tok)
     docs = data.load_documents(cfg.calib or assets.austen(assets.DEFAULT_CALIB), cfg.text_field, "calib")
     calib = data.document_windows(docs, tok, cfg.nsamples, cfg.seqlen, cfg.seed, first)
@@ -228,7 +234,7 @@ def finish(p: Prepared, out: OutputDir, trunk: Trunk, layer_reports: list[dict],
     fallback = sorted(f"{r['layer']}.{n}" for r in layer_reports for n, m in r["modules"].items() if "fallback" in m)
     c = p.cfg
     report = {
-        "tool": "mwprune", "model": str(p.files.folder), "family": loading.get_adapter(p.files.config).family,
+        "tool": "mwprune", "model": p.files.source, "family": loading.get_adapter(p.files.config).family,
         "method": c.method, "pattern": p.spec.pattern(), "sparsity_target": c.sparsity, "nm": c.nm,
         "refit": c.refit, "solver_options": c.solver_options, "mode": c.mode, "device": c.device,
         "dtype": str(p.dtype), "calibration": p.calib_protocol, "evaluation": p.eval_protocol,
@@ -245,6 +251,8 @@ def finish(p: Prepared, out: OutputDir, trunk: Trunk, layer_reports: list[dict],
     layer_names = {i: trunk.layer_keys(i) for i in range(trunk.n_layers)}
     rest = p.files.read(trunk.rest_keys())
     rest = {k: v.to(p.files.dtypes[k]) for k, v in rest.items()}
+    # this process's reads of the model, the rest just read included (Ray stages: pipeline.stage_facts)
+    report.update(p.files.counters())
     out.finalize(p.files.folder, rest, layer_names, report)
     return report
 
@@ -311,7 +319,7 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict:
     with `already_complete` set when `cfg.out` held this run, finished, and nothing was done."""
     t0 = time.perf_counter()
     say = Progress(0, quiet).note
-    say(f"reading the model's config and tokenizer, tokenizing the texts ({cfg.model or 'built-in SmolLM2-135M'})")
+    say(f"reading the model's config and tokenizer, tokenizing the texts ({remote.redact(cfg.model) if cfg.model else 'built-in SmolLM2-135M'})")
     p = prepare(cfg)
     cal = p.calib_protocol
     say(f"calibration: {cfg.nsamples} x {cfg.seqlen} tokens of {Path(str(cal['file'])).name}; evaluation: "
@@ -327,7 +335,7 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict:
         if status == "complete":  # jobs.prune says so
             return completed_report(out)
         if status == "resume":
-            progress.note(f"resuming in {cfg.out}: {len(out.committed())} of {trunk.n_layers} layers already done")
+            progress.note(f"resuming in {out.uri}: {len(out.committed())} of {trunk.n_layers} layers already done")
         calib_hidden, calls = trunk.embed(data.batches(p.calib, cfg.batch_size))
         plan = None
         if cfg.allocation == "owl":  # one pass of the calibration batches through the dense layers
@@ -356,7 +364,7 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict:
             progress.note("evaluating: the final norm and head on the dense and the pruned outputs")
             ppl = {"dense": perplexity(*_nll(trunk, runner.streams["eval_dense"], eval_ids, "dense", progress)),
                    "pruned": perplexity(*_nll(trunk, runner.streams["eval_pruned"], eval_ids, "pruned", progress))}
-        progress.note(f"writing the rest of the checkpoint (embeddings, head, index, report) to {cfg.out}")
+        progress.note(f"writing the rest of the checkpoint (embeddings, head, index, report) to {out.uri}")
         extra = {"stages": 1, "layers_solved": runner.solved, "determinism": determinism.facts(cfg.device)}
         if plan is not None:
             extra["allocation"] = {k: v for k, v in plan.items() if k != "module_sparsity"}
