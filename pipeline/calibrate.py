@@ -483,23 +483,58 @@ def _router_inputs(layer: nn.Module, seen: dict):
             h.remove()
 
 
+class _Tokens:
+    """Which token (row of the router's input) each routed row of an expert unit is, in one forward.
+
+    An expert's first matrix receives rows copied from the router's input (the MoE block's input):
+    they are found there by their bytes. Its later matrices (down_proj) receive rows in the same
+    order, so they take the token indices of that expert's last match in the forward."""
+
+    def __init__(self, routers: dict):
+        self.routers, self.index, self.last = routers, {}, {}
+
+    def of(self, u, x: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+        """(token indices of x's rows or None, whether the rows are the router's input rows)."""
+        c, rows = x.shape[-1], x.detach().reshape(-1, x.shape[-1])
+        src = self.routers.get(c)
+        if src is not None:
+            if c not in self.index:
+                self.index[c] = _row_index(src)
+            raw = rows.contiguous().cpu().view(torch.uint8).numpy()
+            idx = [self.index[c].get(raw[t].tobytes(), -1) for t in range(raw.shape[0])]
+            if idx and min(idx) >= 0:
+                found = torch.tensor(idx, dtype=torch.long)
+                self.last[u.expert] = found
+                return found, True
+        last = self.last.get(u.expert)
+        if last is not None and len(last) == rows.shape[0]:
+            return last, False
+        return None, False
+
+
 @torch.no_grad()
 def dense_capture(layer: nn.Module, plan: Plan, batches: list[torch.Tensor], calls: dict, i: int
                   ) -> tuple[list[torch.Tensor], list[dict]]:
-    """The dense layer's outputs for `batches` (the dense stream) and, per batch, each dense group's
-    input and the routers' input, taken in that same forward (no extra forward work)."""
-    firsts = {g[0] for k, ph in enumerate(plan.phases) if not plan.expert_phase[k] for g in ph}
+    """The dense layer's outputs for `batches` (the dense stream) and, per batch, what pairing needs,
+    taken in that same forward (no extra forward work): each dense group's input (by its first
+    unit's name), the routers' input (by width), and each expert group's input with its tokens
+    ("experts": name -> (token indices, rows))."""
+    firsts = {g[0] for ph in plan.phases for g in ph}
     outs, caps = [], []
     for b in batches:
-        cap: dict = {}
         routers: dict = {}
+        cap: dict = {"routers": routers, "experts": {}}
+        tokens = _Tokens(routers)
 
         def on_use(u, x):
-            if u.name in firsts and u.name not in cap:
+            if u.expert is not None:
+                idx, _ = tokens.of(u, x)  # every expert use: later matrices take the first's tokens
+                if u.name in firsts and idx is not None:
+                    cap["experts"][u.name] = (idx, x.detach().reshape(-1, x.shape[-1]))
+            elif u.name in firsts and u.name not in cap:
                 cap[u.name] = x.detach()
         with WeightUses(layer, plan.units, on_use), _router_inputs(layer, routers):
             outs.append(call_layer(layer, b, calls[tuple(b.shape[:2])][i]))
-        cap["routers"] = routers
         caps.append(cap)
     return outs, caps
 
@@ -559,40 +594,54 @@ def accumulate_phase(layer: nn.Module, plan: Plan, k: int, batches: list[torch.T
 
     def on_use(u, x):
         j = feeds.get(u.name)
+        if blend is not None and u.expert is not None:
+            tok = cur["tokens"].of(u, x)  # every expert use, so that later matrices know their tokens
         if j is not None:
             accs[j].add(x)
             if blend is not None:
-                _pair(j, u, x)
+                _pair(j, u, x, tok if u.expert is not None else None)
             if not expert:
                 raise _StopForward
         elif expert and where.get(u.name, -1) > k and not plan.expert_phase[where[u.name]]:
             raise _StopForward
 
-    def _pair(j, u, x):
-        b, held = cur["b"], cur["b"] in blend.held
-        if not expert:
-            pairs[j].add(x, blend.dense[b][u.name], held)
+    def _pair(j, u, x, tok):
+        b = cur["b"]
+        held, dense = b in blend.held, blend.dense[b]
+        if u.expert is None:
+            if u.name in dense and dense[u.name].shape == x.shape:
+                pairs[j].add(x, dense[u.name], held)
+            else:
+                pairs[j].unpaired += x.reshape(-1, x.shape[-1]).shape[0]
             return
-        c = x.shape[-1]
-        mine, dense = cur["routers"].get(c), blend.dense[b]["routers"].get(c)
-        rows = x.detach().reshape(-1, c)
-        if mine is None or dense is None or dense.shape != mine.shape:
+        idx, at_router = tok
+        rows = x.detach().reshape(-1, x.shape[-1])
+        if idx is None:
             pairs[j].unpaired += rows.shape[0]
             return
-        if c not in cur["index"]:
-            cur["index"][c] = _row_index(mine)
-        index = cur["index"][c]
-        raw = rows.contiguous().cpu().view(torch.uint8).numpy()
-        idx = [index.get(raw[t].tobytes(), -1) for t in range(raw.shape[0])]
-        if min(idx, default=0) < 0:
-            pairs[j].unpaired += sum(1 for t in idx if t < 0)
+        if at_router:  # the expert's input is the MoE block's input: the dense one at the same tokens
+            src = dense["routers"].get(x.shape[-1])
+            if src is None:
+                pairs[j].unpaired += rows.shape[0]
+                return
+            pairs[j].add(rows, src[idx.to(src.device)], held)
             return
-        pairs[j].add(rows, dense[torch.tensor(idx, device=dense.device)], held)
+        # A later matrix of the expert (down_proj): the dense expert's input at the tokens the dense
+        # router also sent it; a token it did not is paired with itself (target = its own output).
+        didx, drows = dense["experts"].get(u.name, (torch.empty(0, dtype=torch.long), None))
+        where_d = {t: n for n, t in enumerate(didx.tolist())}
+        pos = [where_d.get(t, -1) for t in idx.tolist()]
+        target = rows.clone()
+        hit = [n for n, q in enumerate(pos) if q >= 0]
+        if hit:
+            target[hit] = drows[[pos[n] for n in hit]].to(target)
+        pairs[j].add(rows, target, held)
 
     with WeightUses(layer, units, on_use):
         for n, b in enumerate(batches):
-            cur.update(b=n, routers={}, index={})
-            with _router_inputs(layer, cur["routers"]) if (blend is not None and expert) else contextlib.nullcontext():
+            routers: dict = {}
+            cur.update(b=n, tokens=_Tokens(routers))
+            with _router_inputs(layer, routers) if blend is not None else contextlib.nullcontext():
                 run_until_stop(layer, b, calls[tuple(b.shape[:2])][i])
     return accs
 
