@@ -276,7 +276,7 @@ DENSE_NOOP = ("warning: --target-blend has no effect in --mode dense: every modu
               "model's input there (X̂ = X), which is already the dense target; solved as without it")
 
 
-def blend_report(cfg: RunConfig, layer_reports: list[dict], dense_seconds: float, calib_hidden: list) -> dict:
+def blend_report(cfg: RunConfig, layer_reports: list[dict], dense_seconds: float, dense_mb: float) -> dict:
     """report.json's target_blend section: what was asked, what each module got, what it cost."""
     if cfg.mode == "dense":
         return {"requested": cfg.target_blend, "applied": False, "why": DENSE_NOOP.removeprefix("warning: ")}
@@ -290,7 +290,7 @@ def blend_report(cfg: RunConfig, layer_reports: list[dict], dense_seconds: float
             "mean_alpha": sum(chosen) / len(chosen) if chosen else None,
             "notes": sum(1 for r in layer_reports for m in r["modules"].values() if "blend_note" in m),
             # the dense stream doubles the calibration activations and their layer forwards
-            "dense_stream_mb": sum(h.numel() * h.element_size() for h in calib_hidden) / 2**20,
+            "dense_stream_mb": dense_mb,
             "dense_stream_forward_seconds": dense_seconds,
             "resumed_layers": sum(1 for r in layer_reports if r.get("resumed"))}
 
@@ -415,7 +415,8 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict:
         if plan is not None:
             extra["allocation"] = {k: v for k, v in plan.items() if k != "module_sparsity"}
         if blending(cfg):
-            extra["target_blend"] = blend_report(cfg, reports, runner.dense_seconds, calib_hidden)
+            mb = sum(h.numel() * h.element_size() for h in calib_hidden) / 2**20
+            extra["target_blend"] = blend_report(cfg, reports, runner.dense_seconds, mb)
         return finish(p, out, trunk, reports, ppl, time.perf_counter() - t0, extra)
     finally:
         out.release()

@@ -252,3 +252,72 @@ def test_moe_end_to_end(family, tiny_model, short_texts, tmp_path):
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     moved = [k for k in a if "expert" in k and not torch.equal(a[k], b[k])]
     assert moved  # the experts were solved toward another target
+
+
+# ---------------------------------------------------------------- Ray (tests/test_ray.py's setup) ----
+
+@pytest.fixture(scope="module")
+def ray_up():
+    import ray
+    root = Path(__file__).resolve().parent.parent
+    ray.shutdown()
+    ray.init(num_cpus=2, num_gpus=3, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"PYTHONPATH": str(root)}})
+    yield ray
+    ray.shutdown()
+
+
+def _ray_args(model, texts, out, *extra):
+    # 8 windows in batches of 2: four batches, one held out by auto
+    return ["--model", str(model), "--out", str(out), "--calib", str(texts["calib"]), "--eval", str(texts["eval"]),
+            "--nsamples", "8", "--seqlen", "32", "--eval-windows", "2", "--batch-size", "2", "--quiet", *extra]
+
+
+def _single_one_thread(argv):
+    """The single-process job with one thread, as each stage runs (tests/test_ray.py: thread count
+    changes BLAS rounding, nothing else does)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(argv)
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("family,stages", [("llama", 2), ("llama", 3), ("mixtral", 2)])
+def test_ray_sequential_carries_the_dense_stream(ray_up, family, stages, tiny_model, short_texts, tmp_path):
+    """Sequential stages hand both streams downstream: the same weights as one process (unstructured
+    sparsegpt solves whole matrices on one stage each, so the spread tests' tolerance is 0 here)."""
+    model = tiny_model(family)
+    extra = ("--method", "sparsegpt", "--target-blend", "auto")
+    assert _single_one_thread(_ray_args(model, short_texts, tmp_path / "one", *extra)) == 0
+    assert main(_ray_args(model, short_texts, tmp_path / "k", *extra, "--stages", str(stages))) == 0
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "k")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = _report(tmp_path / "one"), _report(tmp_path / "k")
+    assert ra["perplexity"] == rb["perplexity"]
+    assert [m["blend"] for _, _, m in _modules(ra)] == [m["blend"] for _, _, m in _modules(rb)]
+    assert rb["target_blend"]["applied"] and rb["target_blend"]["dense_stream_forward_seconds"] > 0
+
+
+def test_ray_stagewise_applies_it_inside_stages_and_dense_mode_is_a_no_op(ray_up, tiny_model, short_texts,
+                                                                          tmp_path, capsys):
+    model = tiny_model("llama")
+    base = ("--method", "sparsegpt", "--stages", "2")
+    assert main(_ray_args(model, short_texts, tmp_path / "sw0", *base, "--mode", "stagewise")) == 0
+    assert main(_ray_args(model, short_texts, tmp_path / "sw", *base, "--mode", "stagewise",
+                          "--target-blend", "0.3")) == 0
+    rep = _report(tmp_path / "sw")
+    assert all(m["blend"] == 0.3 for _, _, m in _modules(rep)) and rep["target_blend"]["applied"]
+    a, b = _weights(tmp_path / "sw0"), _weights(tmp_path / "sw")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert main(_ray_args(model, short_texts, tmp_path / "d0", *base, "--mode", "dense")) == 0
+    argv = _ray_args(model, short_texts, tmp_path / "d", *base, "--mode", "dense", "--target-blend", "0.3")
+    assert main([x for x in argv if x != "--quiet"]) == 0
+    assert "no effect in --mode dense" in capsys.readouterr().err
+    a, b = _weights(tmp_path / "d0"), _weights(tmp_path / "d")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # X̂ = X: the same weights, nothing pretended
+    tb = _report(tmp_path / "d")["target_blend"]
+    assert tb["applied"] is False and "dense" in tb["why"]
+    assert not any("blend" in m for _, _, m in _modules(_report(tmp_path / "d")))
