@@ -558,8 +558,9 @@ def choose_alpha(W: torch.Tensor, pair: _Pair, kw: dict) -> tuple[float, dict]:
     ||ŴX̂ - WX||² / n (ties: the smaller α); with its scores by α."""
     pd = kw.get("percdamp", 0.01)
     scores = {}
+    T = blend_mod.target(W, pair.h_fit.hessian, pair.c_fit.cross, pd)  # factored once for the grid
     for a in blend_mod.GRID:
-        Wa = blend_mod.blended_weight(W, pair.h_fit.hessian, pair.c_fit.cross, a, pd)
+        Wa = blend_mod.along(W, T, a)
         res = prune_with_info(Wa, pair.h_fit.hessian, **kw)
         scores[a] = blend_mod.heldout_error(res.weight, W, pair.h_held.hessian, pair.c_held.cross,
                                             pair.g_held.hessian)

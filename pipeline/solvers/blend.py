@@ -90,8 +90,17 @@ def blended_weight(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, alpha: flo
     """W_α (module doc) in W's dtype; α = 0 returns W itself, untouched."""
     if alpha == 0:
         return W
+    return along(W, target(W, H, C, percdamp), alpha)
+
+
+@torch.no_grad()
+def along(W: torch.Tensor, T: torch.Tensor, alpha: float) -> torch.Tensor:
+    """W + α(T - W) in float64, returned in W's dtype (T = `target(...)`: one factorisation serves
+    every α of a grid); α = 0 returns W itself."""
+    if alpha == 0:
+        return W
     W64 = W.detach().to(torch.float64)
-    return (W64 + alpha * (target(W, H, C, percdamp) - W64)).to(W.dtype)
+    return (W64 + alpha * (T - W64)).to(W.dtype)
 
 
 @torch.no_grad()
