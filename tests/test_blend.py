@@ -321,3 +321,23 @@ def test_ray_stagewise_applies_it_inside_stages_and_dense_mode_is_a_no_op(ray_up
     tb = _report(tmp_path / "d")["target_blend"]
     assert tb["applied"] is False and "dense" in tb["why"]
     assert not any("blend" in m for _, _, m in _modules(_report(tmp_path / "d")))
+
+
+def test_bench_blend_summary():
+    """jobs.bench's blend section: gap closed against SparseGPT at α = 0, the best fixed α, auto's
+    CPU ratio and the 0.5% rule, from rows (numbers made up; the arithmetic is what is checked)."""
+    from jobs.bench import blend_summary, blend_table
+    row = lambda m, b, ppl, cpu: dict(pattern="0.5", method=m, blend=b, dense=30.0, pruned=ppl,  # noqa: E731
+                                      cpu_seconds=cpu, mean_alpha=None if b == "0" else 0.2)
+    rows = [row("sparsegpt", "0", 50.0, 100.0), row("sparsegpt", "0.1", 46.0, 120.0),
+            row("sparsegpt", "0.3", 48.0, 120.0), row("sparsegpt", "auto", 45.0, 300.0),
+            row("multiweight", "0", 48.0, 150.0), row("multiweight", "auto", 48.3, 180.0)]
+    s = {r["method"]: r for r in blend_summary(rows)}
+    assert s["sparsegpt"]["best_fixed"] == 46.0 and s["sparsegpt"]["best_fixed_alpha"] == "0.1"
+    assert s["sparsegpt"]["gap_closed"]["auto"] == pytest.approx(0.25)
+    assert s["sparsegpt"]["auto_cpu_vs_zero"] == pytest.approx(3.0)
+    assert s["sparsegpt"]["auto_within_half_percent"] is True
+    assert s["multiweight"]["gap_closed"]["zero"] == pytest.approx(0.1)
+    assert s["multiweight"]["auto_within_half_percent"] is False  # 48.3 > 1.005 x 48.0
+    table = blend_table({"protocol": dict(nsamples=16, seqlen=512, eval_windows=8), "summary": list(s.values())})
+    assert "+25.0%" in table and "3.00x" in table
