@@ -40,11 +40,13 @@ from pathlib import Path
 from pipeline import data, determinism, loading, threads
 from pipeline.calibrate import Trunk
 from pipeline.checkpoint import OutputDir
-from pipeline.run import (ConfigError, Progress, RunConfig, completed_report, finish, fingerprint, model_folder,
+from pipeline.run import (DENSE_NOOP, ConfigError, Progress, RunConfig, blend_report, blending, completed_report,
+                          finish, fingerprint, model_folder,
                           perplexity, prepare, run_dtype)
 
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+BLEND = True  # --target-blend: the dense stream is carried (sequential) or kept inside a stage (stagewise)
 
 
 class PlacementError(ValueError):
@@ -229,6 +231,7 @@ class Driver:
         self.shown: set[int] = set()  # layers whose progress line is out
         self.progress: Progress | None = None
         self.transfers = 0
+        self.dense_seconds = 0.0
 
     # -- waiting, with progress and errors ------------------------------------------------------
     def _drain(self, wait: float = 0.0) -> None:
@@ -388,6 +391,8 @@ class Driver:
             if spreading:  # the other stages wait anyway in this mode: they share each phase's solves
                 for s in range(k):
                     self._call(s, "set_peers", self.stages)
+            if blending(cfg) and cfg.mode == "dense":
+                self.progress.note(DENSE_NOOP)
             self.progress.note(f"{k} stage{'s' if k > 1 else ''} ({cfg.mode}): layers "
                                + " | ".join(f"{sl[0]}-{sl[-1]}" for sl in slices))
 
@@ -403,6 +408,10 @@ class Driver:
                      "pipeline": {"mode": cfg.mode, "partition": slices, "placement": plan.strategy,
                                   "bundle": plan.bundle, "max_inflight": self.max_inflight,
                                   "transfers": self.transfers, "stage_facts": _strip_events(facts)}}
+            if blending(cfg):
+                width = skeleton.model.config.get_text_config().hidden_size
+                mb = cfg.nsamples * cfg.seqlen * width * p.dtype.itemsize / 2**20
+                extra["target_blend"] = blend_report(cfg, reports, self.dense_seconds, mb)
             png = timeline_png(facts, f"{cfg.method} {p.spec.pattern()} {cfg.mode}, {k} stages")
             if png is not None:
                 out.write_bytes("timeline.png", png)
@@ -461,7 +470,8 @@ class Driver:
             self._call(s, "set_kwargs", kw)
         runs = []
         if cfg.mode == "sequential":
-            counts = {"calib": n_calib, "eval_dense": n_eval, "eval_pruned": n_eval}
+            counts = {"calib": n_calib, "eval_dense": n_eval, "eval_pruned": n_eval,
+                      "calib_dense": n_calib if p.spec.blending else 0}  # the blend's dense stream
             for s in range(k):
                 if s > 0:
                     self._hop(s - 1, s, {n: c for n, c in counts.items() if c})
@@ -490,6 +500,7 @@ class Driver:
         if nll is not None:
             res = self._get(nll)
             ppl = {"dense": perplexity(*res["eval_dense"]), "pruned": perplexity(*res["eval_pruned"])}
+        self.dense_seconds = sum(res.get("dense_seconds", 0.0) for res in results)
         return reports, ppl, sum(res["solved"] for res in results)
 
 

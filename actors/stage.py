@@ -12,6 +12,8 @@ Logical streams, as the driver names them:
 
     calib        calibration batches handed downstream (pruned outputs in sequential mode, dense
                  outputs in stagewise and dense modes)
+    calib_dense  sequential mode with --target-blend only: the dense model's calibration
+                 activations, carried beside the pruned ones (the blend's target)
     eval_dense   evaluation windows through the dense layers
     eval_pruned  evaluation windows through the pruned layers
 
@@ -42,7 +44,7 @@ from pipeline.calibrate import PruneSpec, SliceRunner, Trunk
 from pipeline.checkpoint import OutputDir
 from pipeline.solvers import PruneResult, prune_many, prune_with_info
 
-STREAMS = ("calib", "eval_dense", "eval_pruned")
+STREAMS = ("calib", "calib_dense", "eval_dense", "eval_pruned")
 
 
 # -- moving tensors ----------------------------------------------------------------------------
@@ -400,6 +402,8 @@ class Stage:
         self.main = self._runner()
         for b in hidden:
             self._receive("calib", b)
+            if self.mode == "sequential" and self.spec.blending:
+                self._receive("calib_dense", b)
         for b in ev:
             self._receive("eval_dense", b)
             self._receive("eval_pruned", b)
@@ -428,6 +432,8 @@ class Stage:
             return_freed_memory()
         for b in self.inbox["calib"]:
             self.main.push(self.hf, b)
+            if self.hf == "calib" and self.spec.blending:  # stagewise: the blend's dense stream, inside the stage
+                self.main.push("calib_dense", b)
         self.inbox = {s: [] for s in STREAMS}
         return {s: len(self.outbox[s]) for s in emit}
 
@@ -439,13 +445,14 @@ class Stage:
         self.ran = True
         active = self.main.active
         if self.mode == "sequential":
-            for stream, name in (("calib", self.hf), ("eval_dense", "eval_dense"), ("eval_pruned", "eval_pruned")):
+            for stream, name in (("calib", self.hf), ("calib_dense", "calib_dense"), ("eval_dense", "eval_dense"),
+                                 ("eval_pruned", "eval_pruned")):
                 if name in active:
                     self.outbox[stream] = self.main.streams[name]
         elif "eval_pruned" in active:
             self.outbox["eval_pruned"] = self.main.streams["eval_pruned"]
         self.main.streams = {s: [] for s in self.main.streams}  # outputs now live in the outbox only
-        return {"reports": reports, "solved": self.main.solved}
+        return {"reports": reports, "solved": self.main.solved, "dense_seconds": self.main.dense_seconds}
 
     def post_pass(self) -> int:
         """eval_pruned that arrived after the run: through this stage's committed layers."""

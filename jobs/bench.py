@@ -11,6 +11,9 @@ Writes results.json, results.md and PNG plots into --out and prints the tables.
             job, busy fraction and peak memory per stage, perplexity; timeline_<mode>.png
   moe       one 64-expert MoE MLP against one dense MLP of the same total size: CPU seconds per
             layer per method and pattern (jobs/bench_moe.py)
+  blend     --target-blend: per method and pattern, α = 0, fixed α from a grid and auto; perplexity,
+            share of SparseGPT's (α = 0) gap to dense closed, CPU seconds of auto against α = 0
+            (one torch thread: the box may be shared); rows kept in blend_rows.jsonl as they finish
   gpu       7B-class random layers: seconds per layer per method, projected for a whole 7B model,
             and the whole job on a random 2-layer model of those shapes (only where CUDA is)
   readme    README's headline figures: the default job (`python -m jobs.prune`, nothing set) at the
@@ -130,6 +133,114 @@ def e2e(out: Path, full: bool, patterns: list[str] | None, nsamples: int | None,
                          "windows": "calibration: random, seed 0; evaluation: the first non-overlapping ones",
                          "first_token": rows[0].get("first_token", "?") if rows else "?"},
             "rows": rows}
+
+
+BLEND_METHODS = [("sparsegpt", None), ("multiweight", None), ("multiweight", "cg"), ("admm", "cg")]
+BLEND_VALUES = ["0", "0.1", "0.2", "0.3", "auto"]
+
+
+def blend(out: Path, patterns: list[str] | None, methods: list[str] | None, values: list[str] | None,
+          nsamples: int | None, seqlen: int | None, eval_windows: int | None) -> dict:
+    """One run per (pattern, method, blend) on the issue protocol (16 x 512 Pride and Prejudice,
+    8 x 512 Emma by default), in this process with one torch thread; CPU seconds are this process's
+    (time.process_time), robust to a shared box. Rows go to out/blend_rows.jsonl as they finish."""
+    from pipeline.run import RunConfig, run
+
+    torch.set_num_threads(1)
+    proto = {"nsamples": nsamples or 16, "seqlen": seqlen or 512, "eval_windows": eval_windows or 8}
+    rows_file = out / "blend_rows.jsonl"
+    done = {}
+    if rows_file.exists():
+        for line in rows_file.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if r.get("protocol") == proto:
+                done[(r["pattern"], r["method"], r["blend"])] = r
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="bench-blend-", dir=out))
+    try:
+        for pat in patterns or SMALL_PATTERNS:
+            nm = tuple(int(x) for x in pat.split(":")) if ":" in pat else None
+            for method, refit in BLEND_METHODS:
+                name = label(method, refit)
+                if methods and name not in methods and method != "sparsegpt":
+                    continue
+                for value in values or BLEND_VALUES:
+                    if method == "sparsegpt" and value != "0" and methods and "sparsegpt" not in methods:
+                        continue  # the reference (α = 0) only
+                    if (pat, name, value) in done:
+                        rows.append(done[(pat, name, value)])
+                        continue
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    rep = run(RunConfig(out=str(work / "run"), method=method, refit=refit, nm=nm,
+                                        sparsity=None if nm else float(pat), target_blend=value, **proto), quiet=True)
+                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                    shutil.rmtree(work / "run")
+                    tb = rep.get("target_blend") or {}
+                    row = {"pattern": pat, "method": name, "blend": value, "dense": rep["perplexity"]["dense"],
+                           "pruned": rep["perplexity"]["pruned"], "seconds": wall, "cpu_seconds": cpu,
+                           "mean_alpha": tb.get("mean_alpha"), "chosen_counts": tb.get("chosen_counts"),
+                           "dense_stream_forward_seconds": tb.get("dense_stream_forward_seconds"),
+                           "protocol": proto}
+                    rows.append(row)
+                    with rows_file.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(f"  blend {pat:>4} {name:<15} {value:>5}  ppl {row['pruned']:8.2f}  cpu {cpu:6.0f}s",
+                          file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"protocol": proto, "rows": rows, "summary": blend_summary(rows)}
+
+
+def blend_summary(rows: list[dict]) -> list[dict]:
+    """Per (pattern, method): α = 0, the best fixed α, auto; gap closed vs SparseGPT at α = 0; auto's
+    CPU seconds against α = 0; whether auto is within 0.5% of α = 0's perplexity or better."""
+    out = []
+    for pat in dict.fromkeys(r["pattern"] for r in rows):
+        ref = next((r for r in rows if r["pattern"] == pat and r["method"] == "sparsegpt" and r["blend"] == "0"), None)
+        for name in dict.fromkeys(r["method"] for r in rows if r["pattern"] == pat):
+            mine = {r["blend"]: r for r in rows if r["pattern"] == pat and r["method"] == name}
+            zero, auto = mine.get("0"), mine.get("auto")
+            fixed = [r for b, r in mine.items() if b not in ("0", "auto")]
+            best = min(fixed, key=lambda r: r["pruned"]) if fixed else None
+
+            def closed(r):
+                if r is None or ref is None or ref["pruned"] <= ref["dense"]:
+                    return None
+                return (ref["pruned"] - r["pruned"]) / (ref["pruned"] - ref["dense"])
+            out.append({"pattern": pat, "method": name,
+                        "zero": zero and zero["pruned"], "best_fixed": best and best["pruned"],
+                        "best_fixed_alpha": best and best["blend"], "auto": auto and auto["pruned"],
+                        "auto_mean_alpha": auto and auto.get("mean_alpha"),
+                        "gap_closed": {k: closed(r) for k, r in (("zero", zero), ("best_fixed", best), ("auto", auto))},
+                        "auto_cpu_vs_zero": auto["cpu_seconds"] / zero["cpu_seconds"] if auto and zero else None,
+                        "auto_within_half_percent": auto["pruned"] <= 1.005 * zero["pruned"] if auto and zero else None})
+    return out
+
+
+def blend_table(res: dict) -> str:
+    def f(x, fmt="{:.2f}"):
+        return "-" if x is None else fmt.format(x)
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:+.1f}%"
+    lines = ["| pattern | method | α = 0 | best fixed α | auto (mean α) | gap closed: 0 / fixed / auto "
+             "| auto CPU vs α = 0 | auto within 0.5% |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in res["summary"]:
+        g = r["gap_closed"]
+        am = "" if r["auto_mean_alpha"] is None else f" ({r['auto_mean_alpha']:.3f})"
+        lines.append(f"| {r['pattern']} | {r['method']} | {f(r['zero'])} | {f(r['best_fixed'])}"
+                     f"{'' if r['best_fixed_alpha'] is None else ' (' + r['best_fixed_alpha'] + ')'} | "
+                     f"{f(r['auto'])}{am} | "
+                     f"{pct(g['zero'])} / {pct(g['best_fixed'])} / {pct(g['auto'])} | "
+                     f"{f(r['auto_cpu_vs_zero'], '{:.2f}x')} | {f(r['auto_within_half_percent'], '{}')} |")
+    p = res["protocol"]
+    lines.append(f"\nProtocol: SmolLM2-135M; calibration {p['nsamples']} x {p['seqlen']} tokens of Pride and "
+                 f"Prejudice (random windows, seed 0), evaluation {p['eval_windows']} x {p['seqlen']} tokens of "
+                 f"Emma; gap closed is against SparseGPT at α = 0; CPU seconds with one torch thread.")
+    return "\n".join(lines)
 
 
 def e2e_table(res: dict) -> str:
@@ -299,8 +410,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     ap.add_argument("--sections", nargs="+", default=["solvers", "e2e", "pipeline", "moe", "gpu"],
-                    choices=["solvers", "e2e", "pipeline", "moe", "gpu", "readme", "contention"])
+                    choices=["solvers", "e2e", "pipeline", "moe", "gpu", "readme", "contention", "blend"])
     ap.add_argument("--limit-s", type=float, default=None, help="contention: stop a job after this many seconds")
+    ap.add_argument("--blends", nargs="+", default=None,
+                    help=f"blend section: --target-blend values (default {' '.join(BLEND_VALUES)})")
     ap.add_argument("--full", action="store_true", help="the issue protocol and every pattern (hours on a 2-core CPU)")
     ap.add_argument("--patterns", nargs="+", default=None, help="e2e patterns, e.g. 0.5 2:4")
     ap.add_argument("--methods", nargs="+", default=None,
@@ -331,6 +444,11 @@ def main(argv=None) -> int:
         md += ["## End to end", e2e_table(res)]
         if e2e_plot(res, a.out / "perplexity_vs_sparsity.png"):
             md.append("![perplexity vs sparsity](perplexity_vs_sparsity.png)")
+    if "blend" in a.sections:
+        res = blend(a.out, a.patterns, a.methods, a.blends, a.nsamples, a.seqlen, a.eval_windows)
+        results["blend"] = res
+        (a.out / "blend.json").write_text(json.dumps(res, indent=1))
+        md += ["## Target blend (--target-blend)", blend_table(res)]
     if "pipeline" in a.sections:
         from jobs import bench_pipeline
         pj = a.out / "pipeline.json"

@@ -53,6 +53,10 @@ def parser(prog: str = "python -m jobs.prune") -> argparse.ArgumentParser:
     p.add_argument("--refit", default="none", help="none | cg | exact: least-squares refit of the kept weights")
     p.add_argument("--allocation", default="uniform",
                    help="uniform | owl: sparsity per layer from its outlier ratio (unstructured only; single process)")
+    p.add_argument("--target-blend", default="0",
+                   help="prune toward the dense model's outputs: a blend α in [0, 1] of the dense target into each "
+                   "module's own (0 = off, as before), or auto (α per module from a small grid, chosen on held-out "
+                   "calibration batches); carries a dense activation stream beside the pruned one (default 0)")
     p.add_argument("--group-size", type=int, default=None, help="multiweight: columns solved jointly (default 128)")
     p.add_argument("--mask-rule", default=None, help="multiweight N:M: saliency | exact (default exact)")
     p.add_argument("--calib", help="calibration data: a .txt, .jsonl/.json/.parquet/.arrow file, a datasets folder "
@@ -90,7 +94,7 @@ NAME_PARTS = {"model": ("model",), "method": ("method",), "pattern": ("sparsity"
               "calib": ("calib", "text_field"), "nsamples": ("nsamples", "device"), "seqlen": ("seqlen", "device"),
               "seed": ("seed",), "dtype": ("dtype", "device"), "batch_size": ("batch_size",),
               # the output layout is this version's, and the layer count is the model's
-              "layout": (), "n_layers": ("model",), "allocation": ("allocation",)}
+              "layout": (), "n_layers": ("model",), "allocation": ("allocation",), "target_blend": ("target_blend",)}
 
 
 def default_out(a) -> str:
@@ -108,6 +112,9 @@ def default_out(a) -> str:
         name.append(f"mask-{a.mask_rule}")
     if getattr(a, "allocation", "uniform") != "uniform":
         name.append(a.allocation)
+    blend = _blend_tag(getattr(a, "target_blend", "0"))
+    if blend and a.mode != "dense":  # dense mode ignores it (the same weights): the same folder
+        name.append(blend)
     if a.mode != "sequential":
         name.append(a.mode)
         if a.mode == "stagewise":
@@ -121,6 +128,18 @@ def default_out(a) -> str:
     if rest:
         name.append(hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:8])
     return os.path.join("out", "-".join(name))
+
+
+def _blend_tag(value: str) -> str | None:
+    """-blend0.15 / -blendauto; None when off (0) or not a valid value (validate() reports it)."""
+    v = str(value).strip().lower()
+    if v == "auto":
+        return "blendauto"
+    try:
+        f = float(v)
+    except ValueError:
+        return None
+    return f"blend{f:g}" if 0 < f <= 1 else None
 
 
 def config_from_args(a):
@@ -138,7 +157,14 @@ def config_from_args(a):
                      seqlen=a.seqlen, seed=a.seed, eval=a.eval, eval_windows=a.eval_windows,
                      eval_protocol=a.eval_protocol, text_field=a.text_field, device=a.device,
                      dtype=a.dtype, batch_size=a.batch_size, mode=a.mode, stages=a.stages, address=a.address,
-                     overwrite=a.overwrite, solver_options=opts, allocation=a.allocation)
+                     overwrite=a.overwrite, solver_options=opts, allocation=a.allocation,
+                     target_blend=a.target_blend)
+
+
+def _ray_blend() -> bool:
+    """Whether the Ray driver carries the dense stream for --target-blend."""
+    from actors import driver
+    return getattr(driver, "BLEND", False)
 
 
 def distributed(a) -> bool:
@@ -154,6 +180,11 @@ def summary(report: dict) -> str:
         what += f" + refit {report['refit']}"
     if report.get("solver_options"):
         what += " (" + ", ".join(f"{k} {v}" for k, v in sorted(report["solver_options"].items())) + ")"
+    tb = report.get("target_blend")
+    if tb:
+        what += f", target blend {tb['requested']}" + ("" if tb.get("applied") else " (no effect)")
+        if tb.get("requested") == "auto" and tb.get("mean_alpha") is not None:
+            what += f" (mean α {tb['mean_alpha']:.3f})"
     if report.get("stages", 1) > 1 or report.get("mode", "sequential") != "sequential":
         what += f", {report.get('mode')} on {report.get('stages')} stage{'s' if report.get('stages') != 1 else ''}"
     from pipeline import zeroshot
@@ -181,6 +212,9 @@ def main(argv=None, prog: str = "python -m jobs.prune") -> int:
             if zeroshot.parse(a.tasks):  # lm-eval there and every task known: checked before any work
                 tasks = zeroshot.resolve(zeroshot.parse(a.tasks))
         if distributed(a):
+            if cfg.target_blend != 0 and cfg.mode != "dense" and not _ray_blend():
+                raise ValueError("--target-blend runs in the single-process job only for now; drop --stages/--mode/"
+                                 "--address (and RAY_ADDRESS)")
             if cfg.allocation != "uniform":  # its dense pre-pass is wired into the single-process job only
                 raise ValueError(f"--allocation {cfg.allocation} runs in the single-process job only; "
                                  "drop --stages/--mode/--address (and RAY_ADDRESS)")

@@ -24,7 +24,8 @@ from torch import nn
 from . import loading
 from .models.generic import (EMBEDDINGS, Plan, WeightUses, _StopForward, call_layer, plan_layer, run_until_stop,
                              tied_owner)
-from .solvers import HessianAccumulator
+from .solvers import HessianAccumulator, prune_with_info
+from .solvers import blend as blend_mod
 from .spread import LocalPool
 
 STREAMS = ("calib", "calib_dense", "eval_dense", "eval_pruned")
@@ -38,6 +39,11 @@ class PruneSpec:
     refit: str | None = None
     options: dict = field(default_factory=dict)  # extra solver keywords (group size, mask rule, ...)
     module_sparsity: dict | None = None  # "layer.module" -> sparsity, overriding `sparsity` (OWL)
+    blend: float | str = 0.0  # --target-blend: α in [0, 1] or "auto" (solvers/blend.py); 0 = off
+
+    @property
+    def blending(self) -> bool:
+        return self.blend == "auto" or float(self.blend) > 0
 
     def pattern(self) -> str:
         return f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"{self.sparsity:g}"
@@ -407,12 +413,172 @@ def forward(layer: nn.Module, batches: list[torch.Tensor], calls: dict, i: int) 
 MIN_EXPERT_TOKENS = 16
 
 
+class _Pair:
+    """What the blend needs beside a group's Hessian (solvers/blend.py): C over every batch and, for
+    auto, the fit batches' H and C and the held-out batches' H, C and dense Gram, all c x c."""
+
+    def __init__(self, columns: int, device, auto: bool):
+        self.cross = blend_mod.CrossAccumulator(columns, device=device)
+        self.auto, self.unpaired = auto, 0  # unpaired: routed tokens whose dense input was not found
+        if auto:
+            self.h_fit = HessianAccumulator(columns, device=device)
+            self.c_fit = blend_mod.CrossAccumulator(columns, device=device)
+            self.h_held = HessianAccumulator(columns, device=device)
+            self.c_held = blend_mod.CrossAccumulator(columns, device=device)
+            self.g_held = HessianAccumulator(columns, device=device)
+
+    def add(self, xh: torch.Tensor, x: torch.Tensor, held: bool) -> None:
+        self.cross.add(xh, x)
+        if self.auto:
+            if held:
+                self.h_held.add(xh)
+                self.c_held.add(xh, x)
+                self.g_held.add(x)
+            else:
+                self.h_fit.add(xh)
+                self.c_fit.add(xh, x)
+
+    def merge(self, other: "_Pair") -> "_Pair":
+        self.cross.merge(other.cross)
+        self.unpaired += other.unpaired
+        if self.auto:
+            for k in ("h_fit", "c_fit", "h_held", "c_held", "g_held"):
+                getattr(self, k).merge(getattr(other, k))
+        return self
+
+
+@dataclass
+class _Blend:
+    """One layer's dense-stream side for the blend: per calibration batch, the dense layer's input of
+    every dense group (by its first unit's name) and of the routers (by width), and which batches
+    auto holds out."""
+    alpha: float | str
+    dense: list[dict]
+    held: set[int]
+
+    @property
+    def auto(self) -> bool:
+        return self.alpha == "auto"
+
+
+def _routers(layer: nn.Module) -> list[nn.Module]:
+    from .models.generic import is_router
+    return [m for n, m in layer.named_modules() if n and is_router(n + ".weight")
+            and any(True for _ in m.parameters(recurse=False))]
+
+
+@contextlib.contextmanager
+def _router_inputs(layer: nn.Module, seen: dict):
+    """seen[width] = the first router input (tokens x width) of each forward: the MoE block's input,
+    whose rows are what each expert receives (the rows the router sent it)."""
+    def hook(_, args):
+        if args and isinstance(args[0], torch.Tensor):
+            x = args[0]
+            seen.setdefault(x.shape[-1], x.detach().reshape(-1, x.shape[-1]))
+    handles = [m.register_forward_pre_hook(hook) for m in _routers(layer)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _Tokens:
+    """Which token (row of the router's input) each routed row of an expert unit is, in one forward.
+
+    An expert's first matrix receives rows copied from the router's input (the MoE block's input):
+    they are found there by their bytes. Its later matrices (down_proj) receive rows in the same
+    order, so they take the token indices of that expert's last match in the forward."""
+
+    def __init__(self, routers: dict):
+        self.routers, self.index, self.last = routers, {}, {}
+
+    def of(self, u, x: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+        """(token indices of x's rows or None, whether the rows are the router's input rows)."""
+        c, rows = x.shape[-1], x.detach().reshape(-1, x.shape[-1])
+        src = self.routers.get(c)
+        if src is not None:
+            if c not in self.index:
+                self.index[c] = _row_index(src)
+            raw = rows.contiguous().cpu().view(torch.uint8).numpy()
+            idx = [self.index[c].get(raw[t].tobytes(), -1) for t in range(raw.shape[0])]
+            if idx and min(idx) >= 0:
+                found = torch.tensor(idx, dtype=torch.long)
+                self.last[u.expert] = found
+                return found, True
+        last = self.last.get(u.expert)
+        if last is not None and len(last) == rows.shape[0]:
+            return last, False
+        return None, False
+
+
+@torch.no_grad()
+def dense_capture(layer: nn.Module, plan: Plan, batches: list[torch.Tensor], calls: dict, i: int
+                  ) -> tuple[list[torch.Tensor], list[dict]]:
+    """The dense layer's outputs for `batches` (the dense stream) and, per batch, what pairing needs,
+    taken in that same forward (no extra forward work): each dense group's input (by its first
+    unit's name), the routers' input (by width), and each expert group's input with its tokens
+    ("experts": name -> (token indices, rows))."""
+    firsts = {g[0] for ph in plan.phases for g in ph}
+    outs, caps = [], []
+    for b in batches:
+        routers: dict = {}
+        cap: dict = {"routers": routers, "experts": {}}
+        tokens = _Tokens(routers)
+
+        def on_use(u, x):
+            if u.expert is not None:
+                idx, _ = tokens.of(u, x)  # every expert use: later matrices take the first's tokens
+                if u.name in firsts and idx is not None:
+                    cap["experts"][u.name] = (idx, x.detach().reshape(-1, x.shape[-1]))
+            elif u.name in firsts and u.name not in cap:
+                cap[u.name] = x.detach()
+        with WeightUses(layer, plan.units, on_use), _router_inputs(layer, routers):
+            outs.append(call_layer(layer, b, calls[tuple(b.shape[:2])][i]))
+        caps.append(cap)
+    return outs, caps
+
+
+def _row_index(x: torch.Tensor) -> dict:
+    """Row bytes -> row index, to find which tokens a router sent to an expert (rows copied exactly)."""
+    raw = x.contiguous().cpu().view(torch.uint8).numpy()
+    out: dict = {}
+    for j in range(raw.shape[0]):
+        out.setdefault(raw[j].tobytes(), j)
+    return out
+
+
+def new_pairs(layer: nn.Module, plan: Plan, k: int, groups: list[int], device, auto: bool) -> list[_Pair]:
+    phase, units = plan.phases[k], plan.units
+    return [_Pair(units[phase[j][0]].weight(layer).shape[1], device, auto) for j in groups]
+
+
+def choose_alpha(W: torch.Tensor, pair: _Pair, kw: dict) -> tuple[float, dict]:
+    """auto: the grid's α whose solve on the fit batches gives the least held-out error
+    ||ŴX̂ - WX||² / n (ties: the smaller α); with its scores by α."""
+    pd = kw.get("percdamp", 0.01)
+    scores = {}
+    T = blend_mod.target(W, pair.h_fit.hessian, pair.c_fit.cross, pd)  # factored once for the grid
+    for a in blend_mod.GRID:
+        Wa = blend_mod.along(W, T, a)
+        res = prune_with_info(Wa, pair.h_fit.hessian, **kw)
+        scores[a] = blend_mod.heldout_error(res.weight, W, pair.h_held.hessian, pair.c_held.cross,
+                                            pair.g_held.hessian)
+    best = min(scores, key=lambda a: (scores[a], a))
+    return best, {f"{a:g}": v for a, v in scores.items()}
+
+
 @torch.no_grad()
 def accumulate_phase(layer: nn.Module, plan: Plan, k: int, batches: list[torch.Tensor], calls: dict, i: int,
                      accs: list[HessianAccumulator] | None = None,
-                     groups: list[int] | None = None) -> list[HessianAccumulator]:
+                     groups: list[int] | None = None, blend: _Blend | None = None,
+                     pairs: list[_Pair] | None = None) -> list[HessianAccumulator]:
     """The Hessians of phase k's groups (one per group; only `groups`, indices into the phase, if
-    given) over `batches`.
+    given) over `batches`. With `blend`, also fills `pairs` (one per group, aligned with the
+    accumulators): each token's input here paired with the same module's input in the dense layer on
+    the dense stream; an expert's tokens are paired through the router input (the expert's rows are
+    found among the rows of this forward's router input, and the dense router input's rows at the
+    same positions are taken: routing is the pruned stream's, as for H).
 
     A dense phase stops the layer's forward as soon as its input is seen; an expert phase runs the
     experts (each sees exactly its routed tokens) and stops at the next dense phase's first use.
@@ -425,18 +591,59 @@ def accumulate_phase(layer: nn.Module, plan: Plan, k: int, batches: list[torch.T
     where = plan.phase_of()
     expert = plan.expert_phase[k]
 
+    cur: dict = {}
+
     def on_use(u, x):
         j = feeds.get(u.name)
+        if blend is not None and u.expert is not None:
+            tok = cur["tokens"].of(u, x)  # every expert use, so that later matrices know their tokens
         if j is not None:
             accs[j].add(x)
+            if blend is not None:
+                _pair(j, u, x, tok if u.expert is not None else None)
             if not expert:
                 raise _StopForward
         elif expert and where.get(u.name, -1) > k and not plan.expert_phase[where[u.name]]:
             raise _StopForward
 
+    def _pair(j, u, x, tok):
+        b = cur["b"]
+        held, dense = b in blend.held, blend.dense[b]
+        if u.expert is None:
+            if u.name in dense and dense[u.name].shape == x.shape:
+                pairs[j].add(x, dense[u.name], held)
+            else:
+                pairs[j].unpaired += x.reshape(-1, x.shape[-1]).shape[0]
+            return
+        idx, at_router = tok
+        rows = x.detach().reshape(-1, x.shape[-1])
+        if idx is None:
+            pairs[j].unpaired += rows.shape[0]
+            return
+        if at_router:  # the expert's input is the MoE block's input: the dense one at the same tokens
+            src = dense["routers"].get(x.shape[-1])
+            if src is None:
+                pairs[j].unpaired += rows.shape[0]
+                return
+            pairs[j].add(rows, src[idx.to(src.device)], held)
+            return
+        # A later matrix of the expert (down_proj): the dense expert's input at the tokens the dense
+        # router also sent it; a token it did not is paired with itself (target = its own output).
+        didx, drows = dense["experts"].get(u.name, (torch.empty(0, dtype=torch.long), None))
+        where_d = {t: n for n, t in enumerate(didx.tolist())}
+        pos = [where_d.get(t, -1) for t in idx.tolist()]
+        target = rows.clone()
+        hit = [n for n, q in enumerate(pos) if q >= 0]
+        if hit:
+            target[hit] = drows[[pos[n] for n in hit]].to(target)
+        pairs[j].add(rows, target, held)
+
     with WeightUses(layer, units, on_use):
-        for b in batches:
-            run_until_stop(layer, b, calls[tuple(b.shape[:2])][i])
+        for n, b in enumerate(batches):
+            routers: dict = {}
+            cur.update(b=n, tokens=_Tokens(routers))
+            with _router_inputs(layer, routers) if blend is not None else contextlib.nullcontext():
+                run_until_stop(layer, b, calls[tuple(b.shape[:2])][i])
     return accs
 
 
@@ -459,7 +666,8 @@ def expert_chunks(sizes: list[int], budget: int) -> list[list[int]]:
 
 
 def prune_experts(layer: nn.Module, plan: Plan, k: int, batches: list[torch.Tensor], calls: dict, i: int,
-                  spec: "PruneSpec", where: str = "", pool=None, budget: int | None = None) -> dict[str, dict]:
+                  spec: "PruneSpec", where: str = "", pool=None, budget: int | None = None,
+                  blend: _Blend | None = None) -> dict[str, dict]:
     """Expert phase k, calibrated and solved chunk by chunk within `budget` bytes of Hessians.
 
     Chunking changes nothing in the result: an expert's input does not depend on the other experts
@@ -470,23 +678,29 @@ def prune_experts(layer: nn.Module, plan: Plan, k: int, batches: list[torch.Tens
     phase, units = plan.phases[k], plan.units
     sizes = [units[g[0]].weight(layer).shape[1] ** 2 * 4 for g in phase]
     pooled: dict[str, HessianAccumulator] = {}
+    pooled_pairs: dict[str, _Pair] = {}
     reports: dict[str, dict] = {}
     few: list[tuple[int, HessianAccumulator]] = []
     for chunk in expert_chunks(sizes, budget):
-        accs = accumulate_phase(layer, plan, k, batches, calls, i, groups=chunk)
-        for j, acc in zip(chunk, accs):
+        pairs = None if blend is None else new_pairs(layer, plan, k, chunk, batches[0].device, blend.auto)
+        accs = accumulate_phase(layer, plan, k, batches, calls, i, groups=chunk, blend=blend, pairs=pairs)
+        for n, (j, acc) in enumerate(zip(chunk, accs)):
             key = units[phase[j][0]].param
             pooled.setdefault(key, HessianAccumulator(acc.columns, device=acc.hessian.device)).merge(acc)
-        now = [(j, a) for j, a in zip(chunk, accs) if a.count >= MIN_EXPERT_TOKENS]
+            if pairs is not None:
+                pooled_pairs.setdefault(key, _Pair(acc.columns, acc.hessian.device, blend.auto)).merge(pairs[n])
+        now = [(n, j, a) for n, (j, a) in enumerate(zip(chunk, accs)) if a.count >= MIN_EXPERT_TOKENS]
         few += [(j, _Count(a.count)) for j, a in zip(chunk, accs) if a.count < MIN_EXPERT_TOKENS]
         del accs
         if now:
-            reports.update(prune_phase(layer, plan, k, [a for _, a in now], spec, where, i, pool,
-                                       groups=[j for j, _ in now], pooled={}))
-        del now
+            reports.update(prune_phase(layer, plan, k, [a for _, _, a in now], spec, where, i, pool,
+                                       groups=[j for _, j, _ in now], pooled={},
+                                       blend=blend, pairs=None if pairs is None else [pairs[n] for n, _, _ in now]))
+        del now, pairs
     if few:
         reports.update(prune_phase(layer, plan, k, [a for _, a in few], spec, where, i, pool,
-                                   groups=[j for j, _ in few], pooled=pooled))
+                                   groups=[j for j, _ in few], pooled=pooled, blend=blend,
+                                   pooled_pairs=pooled_pairs))
     return {name: reports[name] for g in phase for name in g}  # in the plan's order
 
 
@@ -498,28 +712,45 @@ class _Count:
 
 def prune_phase(layer: nn.Module, plan: Plan, k: int, accs: list[HessianAccumulator], spec: PruneSpec,
                 where: str = "", index: int | None = None, pool=None, groups: list[int] | None = None,
-                pooled: dict | None = None) -> dict[str, dict]:
+                pooled: dict | None = None, blend: _Blend | None = None, pairs: list[_Pair] | None = None,
+                pooled_pairs: dict | None = None) -> dict[str, dict]:
     """Solve phase k's matrices (only `groups`, indices into the phase, if given; `accs` follow
     them) and write them into `layer`.
 
     pool: who solves (`spread.LocalPool`, the default, solves here one by one; a Ray stage passes a
     pool that spreads the phase's solves over every stage's device). pooled: the experts' pooled
-    Hessians per parameter, for experts with too few tokens (default: pooled over `accs`)."""
+    Hessians per parameter, for experts with too few tokens (default: pooled over `accs`).
+    blend, pairs (aligned with `accs`), pooled_pairs (the fallback's pooled pairs by parameter): solve
+    each matrix on (W_α, H) instead of (W, H) (solvers/blend.py); α = 0 passes W itself."""
     phase, units = plan.phases[k], plan.units
     groups = list(range(len(phase))) if groups is None else groups
     phase = [phase[j] for j in groups]
     if pooled is None:
         pooled = {}
         if plan.expert_phase[k]:  # the fallback for experts that got too few tokens
-            for g, acc in zip(phase, accs):
+            for n, (g, acc) in enumerate(zip(phase, accs)):
                 key = units[g[0]].param
                 pooled.setdefault(key, HessianAccumulator(acc.columns, device=acc.hessian.device)).merge(acc)
-    todo = []  # (name, accumulator its tokens came from, fallback source or None)
-    for g, acc in zip(phase, accs):
+                if pairs is not None:
+                    pooled_pairs = pooled_pairs if pooled_pairs is not None else {}
+                    pooled_pairs.setdefault(key, _Pair(acc.columns, acc.hessian.device, blend.auto)).merge(pairs[n])
+    todo = []  # (name, accumulator its tokens came from, fallback source or None, pair or None)
+    for n, (g, acc) in enumerate(zip(phase, accs)):
         fallback = plan.expert_phase[k] and acc.count < MIN_EXPERT_TOKENS
         src = pooled[units[g[0]].param] if fallback else acc
-        todo += [(name, acc, src if fallback else None) for name in g]
-    items = [(units[name].weight(layer), (fb or acc).hessian, spec.kwargs(f"{index}.{name}")) for name, acc, fb in todo]
+        pair = None
+        if blend is not None:
+            pair = pooled_pairs[units[g[0]].param] if fallback else pairs[n]
+        todo += [(name, acc, src if fallback else None, pair) for name in g]
+    items, blends = [], []
+    for name, acc, fb, pair in todo:
+        W, H, kw = units[name].weight(layer), (fb or acc).hessian, spec.kwargs(f"{index}.{name}")
+        if blend is not None:
+            info = _blend_info(W, H, pair, blend, kw)
+            if info["blend"]:
+                W = blend_mod.blended_weight(W, H, pair.cross.cross, info["blend"], kw.get("percdamp", 0.01))
+            blends.append(info)
+        items.append((W, H, kw))
     try:
         results = (pool or LocalPool()).solve(items, batch=plan.expert_phase[k])
     except (ValueError, RuntimeError, FloatingPointError) as e:  # say which matrix failed
@@ -527,7 +758,7 @@ def prune_phase(layer: nn.Module, plan: Plan, k: int, accs: list[HessianAccumula
         label = todo[name][0] if isinstance(name, int) else "/".join(t[0] for t in todo)
         raise type(e)(f"{where}{label}: {e}") from e
     reports = {}
-    for (name, acc, fb), res in zip(todo, results):
+    for n, ((name, acc, fb, _), res) in enumerate(zip(todo, results)):
         u = units[name]
         u.set(layer, res.weight)
         w = res.weight
@@ -541,7 +772,22 @@ def prune_phase(layer: nn.Module, plan: Plan, k: int, accs: list[HessianAccumula
             reports[name]["transposed"] = True  # stored (inputs, outputs): Conv1D, x @ W experts
         if fb is not None:
             reports[name]["fallback"] = f"pooled Hessian ({fb.count} tokens): fewer than {MIN_EXPERT_TOKENS} routed"
+        if blends:
+            reports[name].update(blends[n])  # "error" above is measured against W_α, the weight solved for
     return reports
+
+
+def _blend_info(W: torch.Tensor, H: torch.Tensor, pair: _Pair, blend: _Blend, kw: dict) -> dict:
+    """The α a matrix is solved with, and why (auto: the held-out scores)."""
+    if pair.unpaired:
+        return {"blend": 0.0, "blend_note": f"{pair.unpaired} routed tokens without a dense-stream input: solved at 0"}
+    if not blend.auto:
+        return {"blend": float(blend.alpha)}
+    if pair.h_held.count == 0 or pair.h_fit.count < MIN_EXPERT_TOKENS:
+        return {"blend": 0.0, "blend_note": f"auto: {pair.h_fit.count} fit and {pair.h_held.count} held-out "
+                                            f"tokens, too few to choose: solved at 0"}
+    a, scores = choose_alpha(W, pair, kw)
+    return {"blend": a, "blend_scores": scores}
 
 
 @dataclass
@@ -577,6 +823,7 @@ class SliceRunner:
         self.busy = 0.0
         self.done = store.committed() if store is not None else set()
         self._first: _Open | None = None
+        self.dense_seconds = 0.0  # forwards of the calib_dense stream (the blend's extra forward work)
 
     def _open(self, i: int, sample: torch.Tensor | None) -> _Open:
         layer = self.trunk.load_layer(i)
@@ -592,7 +839,9 @@ class SliceRunner:
         self.streams[stream].append(batch)
         self.active.add(stream)
         first = self.layer_ids[0] if self.layer_ids else None
-        if stream == "calib" == self.hessians_from and first is not None and first not in self.done:
+        # The blend pairs each token with the dense layer's input, captured in _layer: no early start.
+        if stream == "calib" == self.hessians_from and first is not None and first not in self.done \
+                and not self.spec.blending:
             if self._first is None:
                 self._first = self._open(first, batch)
             o = self._first
@@ -638,10 +887,23 @@ class SliceRunner:
             o = self._open(i, src[0] if (solve and src) else None)
 
         hess_src = s["calib"]
+        blend = None
         with trunk.dense_tied(i):  # tied weights an earlier layer pruned: dense for the dense streams
             if "calib_dense" in self.active:
                 dense_in = s["calib_dense"]
-                s["calib_dense"] = forward(o.layer, dense_in, calls, i)  # before anything is pruned
+                t0 = time.perf_counter()
+                if solve and self.hessians_from == "calib" and self.spec.blending:
+                    # Before anything is pruned: the dense stream's output, and each module's dense input.
+                    s["calib_dense"], caps = dense_capture(o.layer, o.plan, dense_in, calls, i)
+                    n = len(caps)
+                    if self.spec.blend == "auto" and n < 2:
+                        raise ValueError("--target-blend auto holds out calibration batches: it needs at least 2 "
+                                         f"(got {n}; more --nsamples or a smaller --batch-size)")
+                    held = set(range(n - max(1, round(n / 4)), n)) if self.spec.blend == "auto" else set()
+                    blend = _Blend(self.spec.blend, caps, held)
+                else:
+                    s["calib_dense"] = forward(o.layer, dense_in, calls, i)  # before anything is pruned
+                self.dense_seconds += time.perf_counter() - t0
                 if self.hessians_from == "calib_dense":
                     hess_src = dense_in  # the layer's input is dense; its later phases see the pruned earlier ones
             if "eval_dense" in self.active:
@@ -657,11 +919,17 @@ class SliceRunner:
             for k in range(len(plan.phases)):
                 if plan.expert_phase[k]:
                     mod_reports.update(prune_experts(layer, plan, k, hess_src, calls, i, self.spec, f"layer {i} ",
-                                                     self.pool))
+                                                     self.pool, blend=blend))
                     continue
-                accs = o.early if k == 0 and o.early is not None else accumulate_phase(layer, plan, k, hess_src, calls, i)
-                mod_reports.update(prune_phase(layer, plan, k, accs, self.spec, f"layer {i} ", i, self.pool))
-                del accs
+                pairs = None
+                if blend is not None:
+                    pairs = new_pairs(layer, plan, k, list(range(len(plan.phases[k]))), hess_src[0].device, blend.auto)
+                accs = o.early if k == 0 and o.early is not None else \
+                    accumulate_phase(layer, plan, k, hess_src, calls, i, blend=blend, pairs=pairs)
+                mod_reports.update(prune_phase(layer, plan, k, accs, self.spec, f"layer {i} ", i, self.pool,
+                                               blend=blend, pairs=pairs))
+                del accs, pairs
+            del blend
             report = {"layer": i, "groups": [g for ph in plan.phases for g in ph], "modules": mod_reports,
                       **layer_sparsity(layer, plan)}
             if self.store is not None:

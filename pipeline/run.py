@@ -53,6 +53,7 @@ class RunConfig:
     overwrite: bool = False
     solver_options: dict = field(default_factory=dict)
     allocation: str = "uniform"       # sparsity per layer: uniform or owl (pipeline/allocation.py)
+    target_blend: float | str = 0.0   # prune toward the dense model's outputs: α in [0, 1] or "auto"
 
     def validate(self) -> "RunConfig":
         """Check the options that need no machine facts; every problem is one ConfigError."""
@@ -79,6 +80,7 @@ class RunConfig:
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose auto, float32, bfloat16 or float16")
         if self.eval_protocol not in data.EVAL_PROTOCOLS:
             raise ConfigError(f"unknown eval protocol {self.eval_protocol!r}; choose {' or '.join(data.EVAL_PROTOCOLS)}")
+        self.target_blend = parse_blend(self.target_blend)
         if self.eval_windows is not None and self.eval_windows < 0:
             raise ConfigError(f"--eval-windows must be >= 0, got {self.eval_windows}")
         return self
@@ -102,6 +104,24 @@ class RunConfig:
         if self.eval_windows is None and self.eval_protocol == "windows":
             self.eval_windows = 8
         return self
+
+
+def parse_blend(value) -> float | str:
+    """--target-blend: "auto" or a number in [0, 1] (a float; ConfigError otherwise)."""
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return "auto"
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"--target-blend must be a number in [0, 1] or auto, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ConfigError(f"--target-blend must be a number in [0, 1] or auto, got {value!r}")
+    return float(value)
+
+
+def blending(cfg: "RunConfig") -> bool:
+    return cfg.target_blend == "auto" or cfg.target_blend > 0
 
 
 def model_folder(model: str | None) -> Path | str:
@@ -187,7 +207,8 @@ def prepare(cfg: RunConfig, files: loading.ModelFiles | None = None) -> Prepared
                                           "each window's first token is not scored (SparseGPT, Wanda)")
         eval_protocol = {"protocol": cfg.eval_protocol, **eval_protocol, **docs.describe(),
                          "tokens_scored": len(evalw) * (cfg.seqlen - 1)}
-    spec = PruneSpec(cfg.method, cfg.sparsity, tuple(cfg.nm) if cfg.nm else None, cfg.refit, dict(cfg.solver_options))
+    spec = PruneSpec(cfg.method, cfg.sparsity, tuple(cfg.nm) if cfg.nm else None, cfg.refit, dict(cfg.solver_options),
+                     blend=cfg.target_blend if cfg.mode != "dense" else 0.0)  # dense mode: X̂ = X, a no-op
     return Prepared(cfg, files, spec, calib, evalw, calib_protocol, eval_protocol, run_dtype(cfg, files))
 
 
@@ -204,7 +225,9 @@ def fingerprint(p: Prepared, partition: list[list[int]] | None = None) -> dict:
             # output of the older layout (shards under layers/) is a different run, never resumed into
             "layout": "top-level shards", "n_layers": sum(map(len, partition)) if partition else None,
             # only when set, so that fingerprints of uniform runs stay what they were
-            **({"allocation": c.allocation} if c.allocation != "uniform" else {})}
+            **({"allocation": c.allocation} if c.allocation != "uniform" else {}),
+            # likewise only when on (dense mode ignores it: X̂ = X there, so the weights are the same)
+            **({"target_blend": c.target_blend} if blending(c) and c.mode != "dense" else {})}
 
 
 def perplexity(nll: float, count: int) -> float:
@@ -255,6 +278,34 @@ def finish(p: Prepared, out: OutputDir, trunk: Trunk, layer_reports: list[dict],
     report.update(p.files.counters())
     out.finalize(p.files.folder, rest, layer_names, report)
     return report
+
+
+DENSE_NOOP = ("warning: --target-blend has no effect in --mode dense: every module is calibrated on the dense "
+              "model's input there (X̂ = X), which is already the dense target; solved as without it")
+
+
+def blend_report(cfg: RunConfig, layer_reports: list[dict], dense_seconds: float, dense_mb: float) -> dict:
+    """report.json's target_blend section: what was asked, what each module got, what it cost."""
+    if cfg.mode == "dense":
+        return {"requested": cfg.target_blend, "applied": False, "why": DENSE_NOOP.removeprefix("warning: ")}
+    chosen = [m["blend"] for r in layer_reports for m in r["modules"].values() if "blend" in m]
+    counts: dict[str, int] = {}
+    for a in chosen:
+        counts[f"{a:g}"] = counts.get(f"{a:g}", 0) + 1
+    return {"requested": cfg.target_blend, "applied": bool(chosen),
+            "grid": list(blend_grid()) if cfg.target_blend == "auto" else None,
+            "modules": len(chosen), "chosen_counts": dict(sorted(counts.items())),
+            "mean_alpha": sum(chosen) / len(chosen) if chosen else None,
+            "notes": sum(1 for r in layer_reports for m in r["modules"].values() if "blend_note" in m),
+            # the dense stream doubles the calibration activations and their layer forwards
+            "dense_stream_mb": dense_mb,
+            "dense_stream_forward_seconds": dense_seconds,
+            "resumed_layers": sum(1 for r in layer_reports if r.get("resumed"))}
+
+
+def blend_grid() -> tuple:
+    from .solvers.blend import GRID
+    return GRID
 
 
 class Progress:
@@ -343,9 +394,13 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict:
             plan = allocation.owl_plan(trunk, calib_hidden, calls, cfg.sparsity)
             p.spec.module_sparsity = plan["module_sparsity"]
         hessians_from = "calib_dense" if cfg.mode == "dense" else "calib"
+        if blending(cfg) and cfg.mode == "dense":
+            progress.note(DENSE_NOOP)
         runner = SliceRunner(trunk, list(range(trunk.n_layers)), p.spec, calls, hessians_from, out, progress)
         for b in calib_hidden:
             runner.push(hessians_from, b)
+            if p.spec.blending:  # the dense model's activations, carried beside the pruned stream
+                runner.push("calib_dense", b)
         if p.evalw is not None:
             eval_ids = data.batches(p.evalw, cfg.batch_size)
             eval_hidden, eval_calls = trunk.embed(eval_ids)
@@ -368,6 +423,9 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict:
         extra = {"stages": 1, "layers_solved": runner.solved, "determinism": determinism.facts(cfg.device)}
         if plan is not None:
             extra["allocation"] = {k: v for k, v in plan.items() if k != "module_sparsity"}
+        if blending(cfg):
+            mb = sum(h.numel() * h.element_size() for h in calib_hidden) / 2**20
+            extra["target_blend"] = blend_report(cfg, reports, runner.dense_seconds, mb)
         return finish(p, out, trunk, reports, ppl, time.perf_counter() - t0, extra)
     finally:
         out.release()
