@@ -46,7 +46,8 @@ class CrossAccumulator:
         if n == 0:
             return
         total = self.count + n
-        self.cross.mul_(self.count / total).addmm_(a.T, b, alpha=1.0 / total)
+        with one_thread(a):  # as HessianAccumulator.add: MKL splits long token sums over threads
+            self.cross.mul_(self.count / total).addmm_(a.T, b, alpha=1.0 / total)
         self.count = total
 
     @torch.no_grad()
