@@ -99,6 +99,39 @@ def shared_rss_mb() -> float:
     return float("nan")
 
 
+class RssWatch:
+    """Peaks of this process's resident memory split into private pages (anonymous and file-backed:
+    its own work) and shared-memory pages (RssShmem: Ray's object store read zero-copy), sampled
+    every `every` seconds in a daemon thread. ru_maxrss gives the peak of their sum only, and the
+    shared part at the end (shared_rss_mb) need not be what it held at that peak. A peak shorter
+    than `every` can be missed: ru_maxrss stays the bound."""
+
+    def __init__(self, every: float = 0.02):
+        import threading
+        self.private_mb = self.shared_mb = 0.0
+        self.every = every
+        self._stop = threading.Event()
+        threading.Thread(target=self._loop, name="rss-watch", daemon=True).start()
+
+    @staticmethod
+    def sample() -> tuple[float, float]:
+        got = {}
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                        k, v = line.split(":")
+                        got[k] = int(v.split()[0]) / 1024
+        except (OSError, ValueError):
+            return float("nan"), float("nan")
+        return got.get("RssAnon", 0.0) + got.get("RssFile", 0.0), got.get("RssShmem", 0.0)
+
+    def _loop(self):
+        while not self._stop.wait(self.every):
+            p, s = self.sample()
+            self.private_mb, self.shared_mb = max(self.private_mb, p), max(self.shared_mb, s)
+
+
 _LIBC = None
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
 MMAP_THRESHOLD = 4 << 20  # bytes; see cap_heap
@@ -294,6 +327,8 @@ class Stage:
             self.ran = False
         self._timed("setup", f)
         self.base_rss_mb = current_rss_mb()  # torch, transformers and the skeleton: before any weight
+        self.base_private_mb = RssWatch.sample()[0]
+        self.watch = RssWatch()
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _timed(self, name: str, fn, *args):
@@ -488,6 +523,9 @@ class Stage:
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "base_rss_mb": self.base_rss_mb, "rss_now_mb": current_rss_mb(), "shared_rss_mb": shared_rss_mb(),
                "heap_capped": self.heap_capped,
+               **({"base_private_rss_mb": round(self.base_private_mb, 1),
+                   "peak_private_rss_mb": round(self.watch.private_mb, 1),
+                   "peak_shared_rss_mb": round(self.watch.shared_mb, 1)} if hasattr(self, "watch") else {}),
                "events": [(n, round(a, 4), round(b, 4)) for n, a, b in events], "clock": now}
         if self.device == "cuda":
             out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
