@@ -133,6 +133,29 @@ def run_dtype(cfg: RunConfig, files: loading.ModelFiles) -> torch.dtype:
     return d if d in (torch.float16, torch.bfloat16) else torch.float32
 
 
+def precheck(cfg: RunConfig) -> tuple[loading.ModelFiles, "Trunk"]:
+    """What `prepare` would refuse that costs no tokenizing and no reading of weights or texts: the
+    options, the model folder and its architecture, --seqlen against its positions, the data paths,
+    the N:M pattern against every pruned matrix, and an --out that is not a run of this tool.
+    Returns the model's files and a meta-device skeleton (names and shapes only). For the Ray
+    driver, which runs it before it starts or joins a cluster, so bad input costs no cluster."""
+    cfg.validate()
+    folder = model_folder(cfg.model)
+    files = loading.ModelFiles(folder)
+    loading.get_adapter(files.config)  # unsupported architectures
+    max_pos = getattr(files.config, "max_position_embeddings", None)
+    if cfg.seqlen is not None and max_pos is not None and cfg.seqlen > max_pos:
+        raise ConfigError(f"--seqlen {cfg.seqlen} is beyond the model's {max_pos} positions")
+    for src in (cfg.calib, cfg.eval if cfg.eval_windows != 0 else None):
+        if src:
+            data.check_source(src)
+    skeleton = Trunk(files, "cpu")  # meta device
+    check_pattern(skeleton, PruneSpec(cfg.method, cfg.sparsity, tuple(cfg.nm) if cfg.nm else None, cfg.refit,
+                                      dict(cfg.solver_options)))
+    OutputDir(cfg.out).check_ours()
+    return files, skeleton
+
+
 @dataclass
 class Prepared:
     cfg: RunConfig
