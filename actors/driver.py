@@ -393,7 +393,7 @@ class Driver:
             self._wait(warm[:1], 1)  # the first stage can read the model: now the output may be claimed
 
             out = OutputDir(cfg.out)
-            status = out.begin(fingerprint(p, slices), cfg.overwrite)
+            status = out.begin(fingerprint(p, slices, skeleton.has_ties), cfg.overwrite)
             self.progress = Progress(n_layers, self.quiet, sys.stderr)  # the stderr of now, not of import time
             if status == "complete":
                 self.progress.note(f"{cfg.out} already holds this run, complete; nothing to do")

@@ -354,14 +354,15 @@ class Stage:
             else:
                 self.events.append((name, t0, t1))
 
-    def _tied_source(self, j: int) -> dict:
-        """Layer j's committed tensors, for a layer here that uses weights tied to it (Zamba2's shared
-        block, pruned once by its owner j in an earlier stage). In sequential mode j is committed
+    def _tied_source(self, j: int) -> tuple[dict, dict]:
+        """Layer j's committed tensors and report, for a layer here that uses weights tied to it
+        (Zamba2's shared block, pruned once by its owner j in an earlier stage; the report says which
+        tied weights j left to the later layers that multiply them). In sequential mode j is committed
         before this stage starts; in stagewise and dense modes this waits for the commit (the owner
         never waits on a later stage, so this cannot deadlock; a lost owner stage ends the attempt)."""
         while j not in self.store.committed():
             time.sleep(0.2)
-        return self.store.load_layer(j)[0]
+        return self.store.load_layer(j)
 
     def _on_layer(self, i: int, report: dict) -> None:
         return_freed_memory()

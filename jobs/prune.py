@@ -86,7 +86,7 @@ NAME_PARTS = {"model": ("model",), "method": ("method",), "pattern": ("sparsity"
               "calib": ("calib", "text_field"), "nsamples": ("nsamples", "device"), "seqlen": ("seqlen", "device"),
               "seed": ("seed",), "dtype": ("dtype", "device"), "batch_size": ("batch_size",),
               # the output layout is this version's, and the layer count is the model's
-              "layout": (), "n_layers": ("model",), "allocation": ("allocation",)}
+              "layout": (), "n_layers": ("model",), "allocation": ("allocation",), "tied": ("model",)}
 
 
 def default_out(a) -> str:

@@ -208,8 +208,9 @@ def prepare(cfg: RunConfig) -> Prepared:
     return Prepared(cfg, files, spec, calib, evalw, calib_protocol, eval_protocol, run_dtype(cfg, files))
 
 
-def fingerprint(p: Prepared, partition: list[list[int]] | None = None) -> dict:
-    """Everything that determines the pruned weights (not the evaluation, not the device count)."""
+def fingerprint(p: Prepared, partition: list[list[int]] | None = None, ties: bool = False) -> dict:
+    """Everything that determines the pruned weights (not the evaluation, not the device count).
+    ties: the model has weights tied between layers (`Trunk.has_ties`)."""
     c = p.cfg
     return {"model": p.files.fingerprint_parts(), "method": c.method, "pattern": p.spec.pattern(),
             "refit": c.refit, "solver_options": c.solver_options, "calib": data.windows_digest(p.calib),
@@ -221,7 +222,16 @@ def fingerprint(p: Prepared, partition: list[list[int]] | None = None) -> dict:
             # output of the older layout (shards under layers/) is a different run, never resumed into
             "layout": "top-level shards", "n_layers": sum(map(len, partition)) if partition else None,
             # only when set, so that fingerprints of uniform runs stay what they were
-            **({"allocation": c.allocation} if c.allocation != "uniform" else {})}
+            **({"allocation": c.allocation} if c.allocation != "uniform" else {}),
+            # tied weights an owner never multiplies are pruned and stored by the layer that does
+            # (Trunk): an output of such a model written before that is another layout, never resumed
+            **({"tied": "left to the layer that multiplies them"} if ties else {})}
+
+
+def name_of(trunk: Trunk, layer: int, param: str) -> str:
+    """The owner's full name of tied parameter `param` (a name inside `layer`) that `layer` claimed."""
+    full = f"{trunk.layer_prefix(layer)}.{param}"
+    return trunk._tied_in.get(layer, {}).get(full, (None, full))[1]
 
 
 def perplexity(nll: float, count: int) -> float:
@@ -246,6 +256,21 @@ def finish(p: Prepared, out: OutputDir, trunk: Trunk, layer_reports: list[dict],
         zeros += round(r["sparsity"] * r["weights"])
         for name, d in r.get("dense_left", {}).items():
             dense_left[f"{trunk.layer_prefix(r['layer'])}.{name}"] = dict(d)
+    # Tied weights an owner left to later layers that none of them multiplied: written dense with
+    # everything outside the layers (so the output has every tensor), and counted here.
+    rest_extra = {}
+    for r in layer_reports:
+        for name, users in (r.get("tied_later") or {}).items():
+            claimed = any(name_of(trunk, x["layer"], c) == f"{trunk.layer_prefix(r['layer'])}.{name}"
+                          for x in layer_reports for c in x.get("tied_claimed", []))
+            if not claimed:
+                keys = sorted(trunk.later_keys(r["layer"], [name]))
+                rest_extra.update(p.files.read(keys))
+                n = sum(rest_extra[k].numel() for k in keys)
+                total += n
+                dense_left[f"{trunk.layer_prefix(r['layer'])}.{name}"] = {
+                    "reason": f"tied: not multiplied by its owner, nor by layer {', '.join(map(str, users))}",
+                    "weights": n}
     for d in dense_left.values():
         d["share"] = d["weights"] / total if total else 0.0
     fallback = sorted(f"{r['layer']}.{n}" for r in layer_reports for n, m in r["modules"].items() if "fallback" in m)
@@ -266,7 +291,7 @@ def finish(p: Prepared, out: OutputDir, trunk: Trunk, layer_reports: list[dict],
     if extra:
         report.update(extra)
     layer_names = {i: trunk.layer_keys(i) for i in range(trunk.n_layers)}
-    rest = p.files.read(trunk.rest_keys())
+    rest = {**p.files.read(trunk.rest_keys()), **rest_extra}
     rest = {k: v.to(p.files.dtypes[k]) for k, v in rest.items()}
     out.finalize(p.files.folder, rest, layer_names, report)
     return report
@@ -343,7 +368,7 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict:
     out = OutputDir(cfg.out)
     trunk = Trunk(p.files, cfg.device, p.dtype)
     check_pattern(trunk, p.spec)
-    status = out.begin(fingerprint(p, [list(range(trunk.n_layers))]), cfg.overwrite)
+    status = out.begin(fingerprint(p, [list(range(trunk.n_layers))], trunk.has_ties), cfg.overwrite)
     try:
         progress = Progress(trunk.n_layers, quiet)
         if status == "complete":  # jobs.prune says so
