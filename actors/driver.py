@@ -520,6 +520,8 @@ def _strip_events(facts: list[dict]) -> list[dict]:
         f = dict(f)
         t_start = min(e[1] for ff in facts for e in ff["events"])
         f["events"] = [(n, round(a - t_start, 3), round(b - t_start, 3)) for n, a, b in f["events"]]
+        if f.get("peak_private_at"):  # on the events' clock
+            f["peak_private_at"] = round(f["peak_private_at"] - t_start, 3)
         f.pop("clock", None)
         out.append(f)
     return out

@@ -717,6 +717,7 @@ class SliceRunner:
                                                      self.pool))
                     continue
                 accs = o.early if k == 0 and o.early is not None else accumulate_phase(layer, plan, k, hess_src, calls, i)
+                o.early = None  # not held through the later phases
                 mod_reports.update(prune_phase(layer, plan, k, accs, self.spec, f"layer {i} ", i, self.pool))
                 del accs
             report = {"layer": i, "groups": [g for ph in plan.phases for g in ph], "modules": mod_reports,
