@@ -41,8 +41,7 @@ from pipeline import data, determinism, loading, threads
 from pipeline.calibrate import Trunk
 from pipeline.checkpoint import OutputDir
 from pipeline.run import (DENSE_NOOP, ConfigError, Progress, RunConfig, blend_report, blending, completed_report,
-                          finish, fingerprint, model_folder,
-                          perplexity, prepare, run_dtype)
+                          finish, fingerprint, model_folder, perplexity, precheck, prepare, run_dtype)
 
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -62,6 +61,25 @@ def _env_int(name: str, default: int) -> int:
         return int(os.environ.get(name, default))
     except ValueError:
         raise ConfigError(f"{name} must be an integer, got {os.environ[name]!r}") from None
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {os.environ[name]!r}") from None
+
+
+def check_env() -> None:
+    """The environment knobs (module docstring), checked before any cluster is started or joined."""
+    for name in ("MWPRUNE_MAX_INFLIGHT", "MWPRUNE_STAGE_CPUS", "MWPRUNE_STAGE_RETRIES"):
+        if name in os.environ:
+            _env_int(name, 0)
+    if "MWPRUNE_PLACEMENT_TIMEOUT" in os.environ:
+        _env_float("MWPRUNE_PLACEMENT_TIMEOUT", 0)
+    strategy = os.environ.get("MWPRUNE_PLACEMENT", "PACK").upper()
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"MWPRUNE_PLACEMENT must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
 
 
 # -- partition ---------------------------------------------------------------------------------
@@ -109,7 +127,12 @@ def connect(cfg: RunConfig, quiet: bool) -> bool:
             runtime_env = {"py_modules": [str(ROOT / "pipeline"), str(ROOT / "actors")]}
         ray.init(address=address, runtime_env=runtime_env, **kw)
     else:
-        # A local Ray on this machine: logical CPUs, at least one per requested stage.
+        # A local Ray on this machine: logical CPUs, at least one per requested stage. Said only now,
+        # after every check that needs no cluster (Driver.run, step 1), when it really starts.
+        if not quiet:
+            what = f"--stages {cfg.stages}" if cfg.stages and cfg.stages > 1 else f"--mode {cfg.mode}"
+            print(f"no --address or RAY_ADDRESS: starting a local Ray cluster on this machine for {what} "
+                  f"(token authentication: {os.environ.get('RAY_AUTH_MODE', 'token')})", file=sys.stderr, flush=True)
         ray.init(num_cpus=max(os.cpu_count() or 1, cfg.stages or 1), include_dashboard=False,
                  runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
                      p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}}, **kw)
@@ -145,13 +168,13 @@ def plan_placement(cfg: RunConfig, n_layers: int) -> Placement:
     strategy = os.environ.get("MWPRUNE_PLACEMENT", "PACK").upper()
     if strategy not in STRATEGIES:
         raise ConfigError(f"MWPRUNE_PLACEMENT must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    timeout = float(os.environ.get("MWPRUNE_PLACEMENT_TIMEOUT", 60))
+    timeout = _env_float("MWPRUNE_PLACEMENT_TIMEOUT", 60)
     if use_gpu:
         if k > gpus:
             if not want_gpu:  # only an explicit request for GPUs waits for an autoscaler
                 raise PlacementError(f"--stages {k} is more than the cluster can place: it has {gpus} GPUs "
                                      f"(one stage per GPU)")
-            timeout = float(os.environ.get("MWPRUNE_PLACEMENT_TIMEOUT", 900))  # an autoscaler may add nodes
+            timeout = _env_float("MWPRUNE_PLACEMENT_TIMEOUT", 900)  # an autoscaler may add nodes
         return Placement(k, True, {"GPU": 1}, {"num_gpus": 1, "num_cpus": 0}, None, strategy, timeout)
     node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
     per = _env_int("MWPRUNE_STAGE_CPUS", max(1, cpus // max(k, 1)))
@@ -328,12 +351,13 @@ class Driver:
 
         t0 = time.perf_counter()
         cfg = self.cfg
-        # 1. Everything that needs no cluster, so bad input costs nothing and writes nothing.
+        # 1. Everything that needs no cluster, so bad input costs nothing, writes nothing and starts
+        # no Ray: options, environment knobs, model, data paths, pattern, --out, stages vs layers.
         probe = dataclasses.replace(cfg, device="cpu" if cfg.device in ("auto", "cuda") else cfg.device)
         probe.resolve()
+        check_env()
+        files, skeleton = precheck(probe)  # skeleton: meta device, names and parameter counts only
         folder = model_folder(cfg.model)  # a local folder, or a URI each stage reads by range
-        files = loading.ModelFiles(folder)
-        skeleton = Trunk(files, "cpu")  # meta device: names and parameter counts only
         n_layers = skeleton.n_layers
         if cfg.stages is not None and cfg.stages < 1:
             raise ConfigError(f"--stages must be positive, got {cfg.stages}")
@@ -374,7 +398,7 @@ class Driver:
             self._wait(warm[:1], 1)  # the first stage can read the model: now the output may be claimed
 
             out = OutputDir(cfg.out)
-            status = out.begin(fingerprint(p, slices), cfg.overwrite)
+            status = out.begin(fingerprint(p, slices, skeleton.has_ties), cfg.overwrite)
             self.progress = Progress(n_layers, self.quiet, sys.stderr)  # the stderr of now, not of import time
             if status == "complete":
                 self.progress.note(f"{out.uri} already holds this run, complete; nothing to do")
@@ -510,6 +534,8 @@ def _strip_events(facts: list[dict]) -> list[dict]:
         f = dict(f)
         t_start = min(e[1] for ff in facts for e in ff["events"])
         f["events"] = [(n, round(a - t_start, 3), round(b - t_start, 3)) for n, a, b in f["events"]]
+        if f.get("peak_private_at"):  # on the events' clock
+            f["peak_private_at"] = round(f["peak_private_at"] - t_start, 3)
         f.pop("clock", None)
         out.append(f)
     return out

@@ -42,7 +42,7 @@ import ray
 from pipeline import data, loading, spread, threads
 from pipeline.calibrate import PruneSpec, SliceRunner, Trunk
 from pipeline.checkpoint import OutputDir
-from pipeline.solvers import PruneResult, prune_many, prune_with_info
+from pipeline.solvers import PruneResult, many_bytes, prune_many, prune_with_info
 
 STREAMS = ("calib", "calib_dense", "eval_dense", "eval_pruned")
 
@@ -99,6 +99,42 @@ def shared_rss_mb() -> float:
     except (OSError, ValueError, IndexError):
         pass
     return float("nan")
+
+
+class RssWatch:
+    """Peaks of this process's resident memory split into private pages (anonymous and file-backed:
+    its own work) and shared-memory pages (RssShmem: Ray's object store read zero-copy), sampled
+    every `every` seconds in a daemon thread. ru_maxrss gives the peak of their sum only, and the
+    shared part at the end (shared_rss_mb) need not be what it held at that peak. A peak shorter
+    than `every` can be missed: ru_maxrss stays the bound."""
+
+    def __init__(self, every: float = 0.02):
+        import threading
+        self.private_mb = self.shared_mb = 0.0
+        self.private_at = 0.0  # when the private peak was seen (time.time())
+        self.every = every
+        self._stop = threading.Event()
+        threading.Thread(target=self._loop, name="rss-watch", daemon=True).start()
+
+    @staticmethod
+    def sample() -> tuple[float, float]:
+        got = {}
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                        k, v = line.split(":")
+                        got[k] = int(v.split()[0]) / 1024
+        except (OSError, ValueError):
+            return float("nan"), float("nan")
+        return got.get("RssAnon", 0.0) + got.get("RssFile", 0.0), got.get("RssShmem", 0.0)
+
+    def _loop(self):
+        while not self._stop.wait(self.every):
+            p, s = self.sample()
+            if p > self.private_mb:
+                self.private_mb, self.private_at = p, time.time()
+            self.shared_mb = max(self.shared_mb, s)
 
 
 _LIBC = None
@@ -175,20 +211,65 @@ def _unpack_result(t: tuple, device) -> PruneResult:
     return PruneResult(unpack(w, device), unpack(m, device), *rest)
 
 
+# What one help call may make a helper hold, at most (estimated: its pieces' weights, results and
+# solver workspace, and their Hessians), unless a single piece is larger: a helper's share of a phase
+# goes out in calls of at most this, which the helper's one "help" thread takes one at a time, so
+# its pieces never stack beyond one call, whatever the phase (64 experts, say). Set against the
+# stage's own peak on the memory check's 1536 x 4096 layers (~0.45-0.6 GB above base).
+HELP_CALL_BYTES = 256 << 20
+
+
+def piece_bytes(W: torch.Tensor, kw: dict, rows: int, count: int = 1) -> int:
+    """What solving `count` items of `rows` rows like W takes on a helper beyond its Hessians:
+    the weights it receives, the weights and masks it returns, and the solver's workspace."""
+    c = W.shape[1]
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    work = many_bytes(rows, c, kw.get("method", "multiweight"), nm=kw.get("nm"), refit=kw.get("refit"), dtype=dtype,
+                      blocksize=kw.get("blocksize"), group=kw.get("group"))
+    return count * (rows * c * (2 * W.element_size() + 1) + work)
+
+
+def help_calls(items: list[tuple], share: list, limit: int | None = None) -> list[list]:
+    """A helper's pieces, in order, cut into calls of at most `limit` (default HELP_CALL_BYTES)
+    estimated bytes (`piece_bytes` plus each distinct Hessian once per call); a piece larger than
+    `limit` goes alone."""
+    limit = HELP_CALL_BYTES if limit is None else limit
+    calls: list[list] = [[]]
+    used, seen = 0, set()
+    for p in share:
+        W, _, kw = items[p.item]
+        hs = {id(items[i][1]): items[i][1] for i in range(p.item, p.item + p.count)}
+        size = piece_bytes(W, kw, p.rows[1] - p.rows[0], p.count) + \
+            sum(H.numel() * H.element_size() for k, H in hs.items() if k not in seen)
+        if calls[-1] and used + size > limit:
+            calls.append([])
+            used, seen = 0, set()
+            size = piece_bytes(W, kw, p.rows[1] - p.rows[0], p.count) + sum(H.numel() * H.element_size()
+                                                                             for H in hs.values())
+        calls[-1].append(p)
+        used += size
+        seen |= set(hs)
+    return [c for c in calls if c]
+
+
 class StagePool:
     """A phase's solves spread over this stage and its peers (`pipeline.spread` decides the pieces).
 
     The peers run `Stage.help` in their own "help" thread, so they answer while their main thread
     waits for batches (sequential mode) or accumulates its first Hessian as batches arrive. Each
-    helper gets one call per phase: the phase's Hessians it needs, once, and its rows. The caller
-    solves its own share meanwhile, then gathers. A helper that is lost (its process or node died)
-    or fails has its share solved here again, so no row is ever taken from a failed solve; the
-    driver then sees the lost stage and restarts from the commits as for any lost stage."""
+    helper gets its share of a phase in calls of at most HELP_CALL_BYTES (`help_calls`; one call
+    for the dense phases of the models measured): each call carries the Hessians its pieces need,
+    once, and their rows; the helper takes its calls one at a time and trims its heap before each,
+    so a helper's pieces never stack on each other. The caller solves its own share meanwhile,
+    then gathers. A helper that is lost (its process or node died) or fails has its share solved
+    here again, so no row is ever taken from a failed solve; the driver then sees the lost stage
+    and restarts from the commits as for any lost stage."""
 
     def __init__(self, peers: list, device):
         self.peers, self.device = list(peers), device
         self.lost: set[int] = set()
         self.helped = 0  # pieces solved by peers
+        self.help_calls = 0  # calls that carried them
         self.local_s = 0.0  # solving this stage's own share
         self.wait_s = 0.0   # then waiting for the peers' shares
 
@@ -198,25 +279,28 @@ class StagePool:
         shares = spread.assign([tuple(W.shape) for W, _, _ in items], [kw for _, _, kw in items], 1 + len(helpers),
                                runs)
         calls = []
-        for peer, share in zip(helpers, shares[1:]):
-            if not share:
-                continue
-            hs: dict[int, tuple[int, torch.Tensor]] = {}  # id of a Hessian -> (its index here, it): each travels once
-            payload = []
-            for p in share:
-                group = range(p.item, p.item + p.count)
-                for i in group:
-                    hs.setdefault(id(items[i][1]), (len(hs), items[i][1]))
-                a, b = p.rows
-                payload.append(([hs[id(items[i][1])][0] for i in group], [pack(items[i][0][a:b]) for i in group],
-                                _wire(items[p.item][2], p.rows)))
-            hessians = [pack(H) for _, H in hs.values()]  # in index order (dicts keep insertion order)
-            calls.append((peer, share, self.peers[peer].help.remote(hessians, payload)))
+        for peer, whole in zip(helpers, shares[1:]):
+            for share in help_calls(items, whole) if whole else []:
+                hs: dict[int, tuple[int, torch.Tensor]] = {}  # id of a Hessian -> (its index here, it): once a call
+                payload = []
+                for p in share:
+                    group = range(p.item, p.item + p.count)
+                    for i in group:
+                        hs.setdefault(id(items[i][1]), (len(hs), items[i][1]))
+                    a, b = p.rows
+                    payload.append(([hs[id(items[i][1])][0] for i in group], [pack(items[i][0][a:b]) for i in group],
+                                    _wire(items[p.item][2], p.rows)))
+                hessians = [pack(H) for _, H in hs.values()]  # in index order (dicts keep insertion order)
+                calls.append((peer, share, self.peers[peer].help.remote(hessians, payload)))
+                self.help_calls += 1
         t0 = time.perf_counter()
         done = spread.solve_here(items, shares[0])
         t1 = time.perf_counter()
         self.local_s += t1 - t0
         for peer, share, ref in calls:
+            if peer in self.lost:  # an earlier call found it gone: its later calls are solved here
+                done += spread.solve_here(items, share)
+                continue
             try:
                 got = ray.get(ref)
                 for p, results in zip(share, got):
@@ -256,6 +340,7 @@ class Stage:
         self.pool: StagePool | None = None
         self.help_events: list[tuple[str, float, float]] = []  # from the "help" thread
         self.help_busy = 0.0
+        self.help_calls = 0  # help calls served (StagePool.help_calls counts those this stage sent)
 
     def ready(self) -> dict:
         """What torch sees here; the driver resolves its configuration for this device."""
@@ -298,6 +383,8 @@ class Stage:
             self.ran = False
         self._timed("setup", f)
         self.base_rss_mb = current_rss_mb()  # torch, transformers and the skeleton: before any weight
+        self.base_private_mb = RssWatch.sample()[0]
+        self.watch = RssWatch()
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _timed(self, name: str, fn, *args):
@@ -323,14 +410,15 @@ class Stage:
             else:
                 self.events.append((name, t0, t1))
 
-    def _tied_source(self, j: int) -> dict:
-        """Layer j's committed tensors, for a layer here that uses weights tied to it (Zamba2's shared
-        block, pruned once by its owner j in an earlier stage). In sequential mode j is committed
+    def _tied_source(self, j: int) -> tuple[dict, dict]:
+        """Layer j's committed tensors and report, for a layer here that uses weights tied to it
+        (Zamba2's shared block, pruned once by its owner j in an earlier stage; the report says which
+        tied weights j left to the later layers that multiply them). In sequential mode j is committed
         before this stage starts; in stagewise and dense modes this waits for the commit (the owner
         never waits on a later stage, so this cannot deadlock; a lost owner stage ends the attempt)."""
         while j not in self.store.committed():
             time.sleep(0.2)
-        return self.store.load_layer(j)[0]
+        return self.store.load_layer(j)
 
     def _on_layer(self, i: int, report: dict) -> None:
         return_freed_memory()
@@ -371,6 +459,7 @@ class Stage:
         t0 = time.time()
         try:
             torch.set_num_threads(torch.get_num_threads())  # this thread's OpenMP setting, as the stage's
+            return_freed_memory()  # what earlier calls freed is handed back before this one takes more
             H = [unpack(h, self.device) for h in hessians]
             out = []
             for hs, ws, kw in payload:
@@ -382,6 +471,7 @@ class Stage:
             return out
         finally:
             t1 = time.time()
+            self.help_calls += 1
             self.help_busy += t1 - t0
             self.help_events.append(("help", t0, t1))
 
@@ -491,6 +581,7 @@ class Stage:
                "openmp": threads.facts(),
                "busy_s": round(self.busy + self.help_busy, 3), "help_s": round(self.help_busy, 3),
                "helped_pieces": self.pool.helped if self.pool else 0,
+               "help_calls_sent": self.pool.help_calls if self.pool else 0, "help_calls_served": self.help_calls,
                "own_share_s": round(self.pool.local_s, 3) if self.pool else 0.0,
                "waited_for_peers_s": round(self.pool.wait_s, 3) if self.pool else 0.0,
                "idle_s": round(max(0.0, last - self.t_ready - self.busy - self.help_busy), 3),
@@ -500,6 +591,10 @@ class Stage:
                "heap_capped": self.heap_capped,
                # what this stage read of the model: its layers, the shards' headers, the parts it owns
                **self.files.counters(),
+               **({"base_private_rss_mb": round(self.base_private_mb, 1),
+                   "peak_private_rss_mb": round(self.watch.private_mb, 1),
+                   "peak_private_at": self.watch.private_at,
+                   "peak_shared_rss_mb": round(self.watch.shared_mb, 1)} if hasattr(self, "watch") else {}),
                "events": [(n, round(a, 4), round(b, 4)) for n, a, b in events], "clock": now}
         if self.device == "cuda":
             out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -75,7 +75,7 @@ def parse(argv=None):
     p.add_argument("--work", default=None, help="folder for the runs' outputs (default: a temporary one, removed)")
     p.add_argument("--out", default="bench-out/pipeline.json", help="JSON results")
     p.add_argument("--sections", default="pipeline", help="comma-separated: pipeline, memory, threads")
-    p.add_argument("--memory-model", default="24,1536,3072,12",
+    p.add_argument("--memory-model", default="24,1536,4096,12",
                    help="layers,hidden,intermediate,heads of the random Llama of the memory check")
     p.add_argument("--memory-stages", type=int, default=6)
     p.add_argument("--thread-calibs", default="16x512,4x128", help="nsamples x seqlen for the thread check")
@@ -262,27 +262,43 @@ def memory(a, work: Path) -> dict:
     rows = []
     for f in rep["pipeline"]["stage_facts"]:
         above = (f["peak_rss_mb"] - f["base_rss_mb"]) * 2**20
+        shared = f.get("shared_rss_mb", 0.0) * 2**20  # object-store pages read zero-copy, at the end
         rows.append({"stage": f["stage"], "layers": f"{f['layers'][0]}-{f['layers'][-1]}",
                      "base_gb": f["base_rss_mb"] * 2**20 / gb, "peak_gb": f["peak_rss_mb"] * 2**20 / gb,
                      "above_base_gb": above / gb, "above_base_x_model": above / f32_bytes,
+                     "shared_gb": shared / gb, "above_base_less_shared_x_model": (above - shared) / f32_bytes,
+                     "helped_pieces": f.get("helped_pieces", 0), "help_s": f.get("help_s", 0.0),
+                     # sampled every 20 ms (actors.stage.RssWatch): the stage's own pages, object store left out
+                     "private_above_base_gb": (f.get("peak_private_rss_mb", float("nan"))
+                                               - f.get("base_private_rss_mb", float("nan"))) * 2**20 / gb,
                      "cuda_peak_gb": f["cuda_peak_mb"] * 2**20 / gb if "cuda_peak_mb" in f else None,
                      "heap_capped": f.get("heap_capped")})
+    for r in rows:
+        r["private_above_base_x_model"] = r["private_above_base_gb"] * gb / f32_bytes
     worst = max(r["above_base_x_model"] for r in rows)
+    worst_private = max(r["private_above_base_x_model"] for r in rows)
+    spread_on = os.environ.get("MWPRUNE_SPREAD", "1") != "0"
     lines = [f"Random Llama, {layers} layers, hidden {hidden}, intermediate {inter}: {f32_bytes / gb:.2f} GB as float32 "
-             f"({bf16_bytes / gb:.2f} GB bf16 on disk); {k} sequential stages, magnitude 50%, 2 x 64 calibration tokens.",
-             "", "| stage | layers | base GB | peak GB | peak - base GB | (peak - base) / float32 model | CUDA peak GB |",
-             "|---|---|---|---|---|---|---|"]
+             f"({bf16_bytes / gb:.2f} GB bf16 on disk); {k} sequential stages, spread solves "
+             f"{'on' if spread_on else 'off'}, magnitude 50%, 2 x 64 calibration tokens.",
+             "", "| stage | layers | base GB | peak GB | peak - base GB | (peak - base) / float32 model "
+             "| object store at end GB | private peak - base GB | private / float32 model | pieces helped | CUDA peak GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cuda = "-" if r["cuda_peak_gb"] is None else f"{r['cuda_peak_gb']:.2f}"
         lines.append(f"| {r['stage']} | {r['layers']} | {r['base_gb']:.2f} | {r['peak_gb']:.2f} | "
-                     f"{r['above_base_gb']:.2f} | {r['above_base_x_model']:.3f} | {cuda} |")
-    lines.append(f"\ntarget: every stage <= 0.25x the float32 model; worst {worst:.3f}x: "
-                 f"{'met' if worst <= 0.25 else 'not met'}")
+                     f"{r['above_base_gb']:.2f} | {r['above_base_x_model']:.3f} | {r['shared_gb']:.3f} | "
+                     f"{r['private_above_base_gb']:.2f} | {r['private_above_base_x_model']:.3f} | "
+                     f"{r['helped_pieces']} | {cuda} |")
+    lines.append(f"\ntarget: every stage <= 0.25x the float32 model; worst {worst:.3f}x (object-store pages "
+                 f"included): {'met' if worst <= 0.25 else 'not met'}; worst private {worst_private:.3f}x: "
+                 f"{'met' if worst_private <= 0.25 else 'not met'}; load average {os.getloadavg()[0]:.1f}")
     table = "\n".join(lines)
     print(table)
     return {"model": {"layers": layers, "hidden": hidden, "intermediate": inter, "heads": heads,
-                      "float32_bytes": f32_bytes, "bf16_bytes": bf16_bytes}, "stages": k, "rows": rows,
-            "worst_x_model": worst, "met": worst <= 0.25, "seconds": rep["seconds"], "table": table}
+                      "float32_bytes": f32_bytes, "bf16_bytes": bf16_bytes}, "stages": k, "spread": spread_on,
+            "rows": rows, "worst_x_model": worst, "worst_private_x_model": worst_private, "met": worst <= 0.25,
+            "load_average": os.getloadavg(), "seconds": rep["seconds"], "table": table}
 
 
 def _tensors(out: Path) -> dict:

@@ -94,7 +94,8 @@ NAME_PARTS = {"model": ("model",), "method": ("method",), "pattern": ("sparsity"
               "calib": ("calib", "text_field"), "nsamples": ("nsamples", "device"), "seqlen": ("seqlen", "device"),
               "seed": ("seed",), "dtype": ("dtype", "device"), "batch_size": ("batch_size",),
               # the output layout is this version's, and the layer count is the model's
-              "layout": (), "n_layers": ("model",), "allocation": ("allocation",), "target_blend": ("target_blend",)}
+              "layout": (), "n_layers": ("model",), "allocation": ("allocation",), "target_blend": ("target_blend",),
+              "tied": ("model",)}
 
 
 def default_out(a) -> str:
@@ -223,11 +224,8 @@ def main(argv=None, prog: str = "python -m jobs.prune") -> int:
                 # Ray 2.60 turns token authentication on and warns about it on every local start; a
                 # cluster that lives only as long as this job has no one else to keep out.
                 # RAY_AUTH_MODE=token in the environment keeps it on.
+                # The driver says so when it starts the cluster, after the checks that need none.
                 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-                if not a.quiet:
-                    print(f"no --address or RAY_ADDRESS: starting a local Ray cluster on this machine for "
-                          f"{'--stages ' + str(a.stages) if a.stages and a.stages > 1 else '--mode ' + a.mode} "
-                          f"(token authentication: {os.environ['RAY_AUTH_MODE']})", file=sys.stderr, flush=True)
             report = run_distributed(cfg, quiet=a.quiet)
         else:
             from pipeline.run import run

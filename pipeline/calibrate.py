@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from . import loading
-from .models.generic import (EMBEDDINGS, Plan, WeightUses, _StopForward, call_layer, plan_layer, run_until_stop,
-                             tied_owner)
+from .models.generic import (EMBEDDINGS, Plan, WeightUses, _StopForward, call_layer, claimable, plan_layer,
+                             run_until_stop, tied_owner)
 from .solvers import HessianAccumulator, prune_with_info
 from .solvers import blend as blend_mod
 from .spread import LocalPool
@@ -123,9 +123,15 @@ class Trunk:
     once it is), else from `tied_source(owner)` (committed checkpoint tensors, e.g. a Ray stage's
     store), else dense from the model files. `dense_tied(i)` swaps in the checkpoint's dense values
     for the dense streams.
+
+    A tied weight the owner never multiplies (Zamba2's adapter slot of a later hybrid layer) is left
+    to the later layer that does: the owner neither prunes, counts nor commits it (its report lists
+    it under `tied_later`, `note_later`); that layer gets it dense (from the model files), prunes it
+    with its own Hessians, counts it, and commits it in its own shard under the input's names
+    (`layer_tensors(i, claimed)`), which a resumed run loads back like the rest of that layer.
     """
 
-    tied_source = None  # optional callable: owner layer -> its committed checkpoint tensors, or None
+    tied_source = None  # optional callable: owner layer -> (its committed tensors, its report), or None
 
     def __init__(self, files: loading.ModelFiles, device="cpu", dtype=torch.float32):
         self.files, self.device, self.dtype = files, torch.device(device), dtype
@@ -137,6 +143,7 @@ class Trunk:
         self._loaded: set[str] = set()
         self._tied_in, self._tied_out = self._ties()
         self._tied_values: dict[str, torch.Tensor] = {}  # checkpoint key -> the owner's values at its last unload
+        self._later: dict[int, set[str]] = {}  # owner layer -> its tied parameters (full names) left to later layers
 
     @property
     def n_layers(self) -> int:
@@ -186,7 +193,24 @@ class Trunk:
                 keys = [k for k, ts in conv.sources.items() if alt in ts]
                 tied_in.setdefault(i, {})[full] = (j, alt, keys)
                 tied_out.setdefault(j, {}).setdefault(alt, []).append(i)
+        # owner parameters whose checkpoint tensors feed them alone: those can move to another shard
+        self._movable = {alt for by_alt in tied_out.values() for alt in by_alt
+                         if all(set(ts) == {alt} for ts in conv.sources.values() if alt in ts)}
         return tied_in, tied_out
+
+    @property
+    def has_ties(self) -> bool:
+        return bool(self._tied_out)
+
+    def note_later(self, j: int, params) -> None:
+        """Owner layer j's tied parameters (names inside the layer) left to the later layers that multiply them."""
+        self._later[j] = {f"{self.layer_prefix(j)}.{n}" for n in (params or ())}
+
+    def later_keys(self, j: int, params) -> set[str]:
+        """Checkpoint keys of owner layer j's parameters `params` (names inside the layer)."""
+        conv = self.model._mwprune_conversion
+        full = {f"{self.layer_prefix(j)}.{n}" for n in params}
+        return {k for k, ts in conv.sources.items() if any(t in full for t in ts)}
 
     def _set_tied(self, i: int, values: dict[str, torch.Tensor]) -> None:
         """Layer i's tied parameters as their own Parameter objects (data shared), marked with their owner."""
@@ -197,30 +221,50 @@ class Trunk:
 
     def load_layer(self, i: int, tensors: dict[str, torch.Tensor] | None = None) -> nn.Module:
         tied = self._tied_in.get(i, {})
+        fetched: dict[int, tuple | None] = {}  # owner -> tied_source's answer, asked once per load
         if tied:  # tied weights as their owner holds them (pruned), where known; the given tensors win
-            tensors = {**self._owner_values(tied), **(tensors or {})}
+            for j in {j for j, _, keys in tied.values() if any(k not in self._tied_values for k in keys)} - set(self._later):
+                # an owner neither run nor loaded here (another stage's): its commit says what it left.
+                # (An owner loaded here left its values in _tied_values: a dense pass, which plans
+                # nothing, or a run, which noted it.)
+                got = self._fetch(j, fetched)
+                if got is not None:
+                    self.note_later(j, (got[1] or {}).get("tied_later"))
+            later = {alt for alt in (a for _, a, _ in tied.values()) if alt in self._later.get(self._layer_of(alt), ())}
+            # what an owner left to later layers comes dense, from the model files
+            tensors = {**self._owner_values(tied, fetched, skip=later), **(tensors or {})}
         owners = {alt: self.model.get_parameter(alt) for _, alt, _ in tied.values()}
         module = loading.load_module(self.model, self.files, self.layer_prefix(i), self.device, self.dtype, tensors)
         if tied:
             self._set_tied(i, {full: self.model.get_parameter(full).data for full in tied})
+            for full, (_, alt, _) in tied.items():
+                if alt in later:
+                    self.model.get_parameter(full)._mwprune_claimable = True
             for alt, p in owners.items():  # loading fed the owner's names too: put them back as they were
                 loading._set(self.model, alt, p)
         for alt, users in self._tied_out.get(i, {}).items():
-            self.model.get_parameter(alt)._mwprune_shared_with = users
+            q = self.model.get_parameter(alt)
+            q._mwprune_shared_with = users
+            q._mwprune_pass_on = alt in self._movable
         return module
 
-    def _owner_values(self, tied: dict) -> dict[str, torch.Tensor]:
+    def _fetch(self, j: int, fetched: dict) -> tuple | None:
+        if j not in fetched:
+            fetched[j] = self.tied_source(j) if self.tied_source is not None else None
+        return fetched[j]
+
+    def _owner_values(self, tied: dict, fetched: dict, skip=()) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        fetched: dict[int, dict | None] = {}
-        for j, _, keys in tied.values():
+        for j, alt, keys in tied.values():
+            if alt in skip:
+                continue
             for k in keys:
                 if k in self._tied_values:
                     out[k] = self._tied_values[k]
-                elif self.tied_source is not None:
-                    if j not in fetched:
-                        fetched[j] = self.tied_source(j)
-                    if fetched[j] is not None and k in fetched[j]:
-                        out[k] = fetched[j][k]
+                else:
+                    got = self._fetch(j, fetched)
+                    if got is not None and k in got[0]:
+                        out[k] = got[0][k]
         return out
 
     @contextlib.contextmanager
@@ -244,9 +288,20 @@ class Trunk:
             for f, p in saved.items():
                 loading._set(self.model, f, p)
 
-    def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
-        """Layer i's tensors under the checkpoint's names and layout (per-expert, as on the hub)."""
-        return loading.module_tensors(self.model, self.layer_prefix(i))
+    def layer_tensors(self, i: int, claimed=(), later=()) -> dict[str, torch.Tensor]:
+        """Layer i's tensors under the checkpoint's names and layout (per-expert, as on the hub): its
+        shard. `claimed`: tied parameters (names inside the layer) an earlier owner left to this layer,
+        added under the owner's names; `later`: this layer's own tied parameters left to later layers,
+        left out (their shards hold them)."""
+        out = loading.module_tensors(self.model, self.layer_prefix(i))
+        for k in self.later_keys(i, later):
+            out.pop(k, None)
+        if claimed:
+            tied = self._tied_in.get(i, {})
+            mine = {tied[f"{self.layer_prefix(i)}.{n}"][1]: self.model.get_parameter(f"{self.layer_prefix(i)}.{n}").detach()
+                    for n in claimed}
+            out.update(self.model._mwprune_conversion.revert(self.model, mine))
+        return out
 
     def unload_layer(self, i: int) -> None:
         shared = self._tied_out.get(i)
@@ -911,11 +966,13 @@ class SliceRunner:
 
         if not solve:
             tensors, report = self.store.load_layer(i)
+            trunk.note_later(i, report.get("tied_later"))
             trunk.unload_layer(i)
             layer = trunk.load_layer(i, tensors)
             report = dict(report, resumed=True)
         else:
             layer, plan, mod_reports = o.layer, o.plan, {}
+            trunk.note_later(i, plan.tied_later)  # before any later layer loads
             for k in range(len(plan.phases)):
                 if plan.expert_phase[k]:
                     mod_reports.update(prune_experts(layer, plan, k, hess_src, calls, i, self.spec, f"layer {i} ",
@@ -926,15 +983,22 @@ class SliceRunner:
                     pairs = new_pairs(layer, plan, k, list(range(len(plan.phases[k]))), hess_src[0].device, blend.auto)
                 accs = o.early if k == 0 and o.early is not None else \
                     accumulate_phase(layer, plan, k, hess_src, calls, i, blend=blend, pairs=pairs)
+                o.early = None  # not held through the later phases
                 mod_reports.update(prune_phase(layer, plan, k, accs, self.spec, f"layer {i} ", i, self.pool,
                                                blend=blend, pairs=pairs))
                 del accs, pairs
             del blend
             report = {"layer": i, "groups": [g for ph in plan.phases for g in ph], "modules": mod_reports,
                       **layer_sparsity(layer, plan)}
+            claimed = sorted(u.param for u in plan.units.values() if tied_owner(u.tensor(layer)) is not None)
+            if plan.tied_later:
+                report["tied_later"] = plan.tied_later
+            if claimed:
+                report["tied_claimed"] = claimed
             if self.store is not None:
-                self.store.commit_layer(i, {k: v.to(trunk.files.dtypes.get(k, v.dtype))
-                                            for k, v in trunk.layer_tensors(i).items()}, report)
+                tensors = trunk.layer_tensors(i, claimed, plan.tied_later)
+                self.store.commit_layer(i, {k: v.to(trunk.files.dtypes.get(k, v.dtype)) for k, v in tensors.items()},
+                                        report)
             self.solved += 1
 
         if "calib" in self.active:
@@ -953,9 +1017,11 @@ def layer_sparsity(layer: nn.Module, plan: Plan | None) -> dict:
     zeros = total = 0
     dense: dict[str, dict] = {}
     reasons = plan.dense_left if plan is not None else {}
+    mine = {u.param for u in plan.units.values()} if plan is not None else set()
+    later = plan.tied_later if plan is not None else {}
     for name, p in layer.named_parameters():
-        if p.dim() < 2 or tied_owner(p) is not None:
-            continue  # a tied weight is counted once, at the layer that stores (and prunes) it
+        if p.dim() < 2 or (tied_owner(p) is not None and name not in mine) or name in later:
+            continue  # a tied weight is counted once, at the layer that prunes it
         z = (p == 0).sum().item()
         zeros += z
         total += p.numel()

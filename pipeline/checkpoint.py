@@ -126,7 +126,7 @@ class OutputDir:
     def complete(self) -> bool:
         return self.exists("config.json") and self.exists(f"{STATE}/fingerprint.json")
 
-    def _check_ours(self) -> None:
+    def check_ours(self) -> None:
         """Refuse, before writing anything, a folder that holds something other than a run of this tool."""
         entries = self.listdir("")
         if not entries or self.exists(f"{STATE}/fingerprint.json"):
@@ -144,7 +144,7 @@ class OutputDir:
         until `release()` (or until its process ends).
         """
         digest = fingerprint_digest(fingerprint)
-        self._check_ours()
+        self.check_ours()
         self.lock()
         try:
             # Read only now: the run that held the lock may have written the fingerprint meanwhile.

@@ -205,6 +205,20 @@ def load_documents(spec: str | Path, text_field: str = "text", role: str = "eval
         raise DataError(f"unreadable data {spec}: {_first_line(e)}") from None
 
 
+def check_source(spec: str | Path) -> None:
+    """The cheap part of `load_documents`' checks, reading nothing: a source that names a local path
+    must exist (hub ids and readable files are checked when read)."""
+    spec = str(spec)
+    from . import remote
+    if remote.is_uri(spec):
+        return  # an object store: checked when fetched
+    path = Path(spec).expanduser()
+    if not path.exists() and ":" in spec and Path(spec.rsplit(":", 1)[0]).expanduser().is_dir():
+        return  # FOLDER:SPLIT
+    if not path.exists() and _looks_like_path(spec):
+        raise DataError(f"data file not found: {spec}")
+
+
 @contextlib.contextmanager
 def _quiet_datasets():
     import datasets

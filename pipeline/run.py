@@ -158,6 +158,29 @@ def run_dtype(cfg: RunConfig, files: loading.ModelFiles) -> torch.dtype:
     return d if d in (torch.float16, torch.bfloat16) else torch.float32
 
 
+def precheck(cfg: RunConfig) -> tuple[loading.ModelFiles, "Trunk"]:
+    """What `prepare` would refuse that costs no tokenizing and no reading of weights or texts: the
+    options, the model folder and its architecture, --seqlen against its positions, the data paths,
+    the N:M pattern against every pruned matrix, and an --out that is not a run of this tool.
+    Returns the model's files and a meta-device skeleton (names and shapes only). For the Ray
+    driver, which runs it before it starts or joins a cluster, so bad input costs no cluster."""
+    cfg.validate()
+    folder = model_folder(cfg.model)
+    files = loading.ModelFiles(folder)
+    loading.get_adapter(files.config)  # unsupported architectures
+    max_pos = getattr(files.config, "max_position_embeddings", None)
+    if cfg.seqlen is not None and max_pos is not None and cfg.seqlen > max_pos:
+        raise ConfigError(f"--seqlen {cfg.seqlen} is beyond the model's {max_pos} positions")
+    for src in (cfg.calib, cfg.eval if cfg.eval_windows != 0 else None):
+        if src:
+            data.check_source(src)
+    skeleton = Trunk(files, "cpu")  # meta device
+    check_pattern(skeleton, PruneSpec(cfg.method, cfg.sparsity, tuple(cfg.nm) if cfg.nm else None, cfg.refit,
+                                      dict(cfg.solver_options)))
+    OutputDir(cfg.out).check_ours()
+    return files, skeleton
+
+
 @dataclass
 class Prepared:
     cfg: RunConfig
@@ -212,8 +235,9 @@ def prepare(cfg: RunConfig, files: loading.ModelFiles | None = None) -> Prepared
     return Prepared(cfg, files, spec, calib, evalw, calib_protocol, eval_protocol, run_dtype(cfg, files))
 
 
-def fingerprint(p: Prepared, partition: list[list[int]] | None = None) -> dict:
-    """Everything that determines the pruned weights (not the evaluation, not the device count)."""
+def fingerprint(p: Prepared, partition: list[list[int]] | None = None, ties: bool = False) -> dict:
+    """Everything that determines the pruned weights (not the evaluation, not the device count).
+    ties: the model has weights tied between layers (`Trunk.has_ties`)."""
     c = p.cfg
     return {"model": p.files.fingerprint_parts(), "method": c.method, "pattern": p.spec.pattern(),
             "refit": c.refit, "solver_options": c.solver_options, "calib": data.windows_digest(p.calib),
@@ -227,7 +251,16 @@ def fingerprint(p: Prepared, partition: list[list[int]] | None = None) -> dict:
             # only when set, so that fingerprints of uniform runs stay what they were
             **({"allocation": c.allocation} if c.allocation != "uniform" else {}),
             # likewise only when on (dense mode ignores it: X̂ = X there, so the weights are the same)
-            **({"target_blend": c.target_blend} if blending(c) and c.mode != "dense" else {})}
+            **({"target_blend": c.target_blend} if blending(c) and c.mode != "dense" else {}),
+            # tied weights an owner never multiplies are pruned and stored by the layer that does
+            # (Trunk): an output of such a model written before that is another layout, never resumed
+            **({"tied": "left to the layer that multiplies them"} if ties else {})}
+
+
+def name_of(trunk: Trunk, layer: int, param: str) -> str:
+    """The owner's full name of tied parameter `param` (a name inside `layer`) that `layer` claimed."""
+    full = f"{trunk.layer_prefix(layer)}.{param}"
+    return trunk._tied_in.get(layer, {}).get(full, (None, full))[1]
 
 
 def perplexity(nll: float, count: int) -> float:
@@ -252,6 +285,21 @@ def finish(p: Prepared, out: OutputDir, trunk: Trunk, layer_reports: list[dict],
         zeros += round(r["sparsity"] * r["weights"])
         for name, d in r.get("dense_left", {}).items():
             dense_left[f"{trunk.layer_prefix(r['layer'])}.{name}"] = dict(d)
+    # Tied weights an owner left to later layers that none of them multiplied: written dense with
+    # everything outside the layers (so the output has every tensor), and counted here.
+    rest_extra = {}
+    for r in layer_reports:
+        for name, users in (r.get("tied_later") or {}).items():
+            claimed = any(name_of(trunk, x["layer"], c) == f"{trunk.layer_prefix(r['layer'])}.{name}"
+                          for x in layer_reports for c in x.get("tied_claimed", []))
+            if not claimed:
+                keys = sorted(trunk.later_keys(r["layer"], [name]))
+                rest_extra.update(p.files.read(keys))
+                n = sum(rest_extra[k].numel() for k in keys)
+                total += n
+                dense_left[f"{trunk.layer_prefix(r['layer'])}.{name}"] = {
+                    "reason": f"tied: not multiplied by its owner, nor by layer {', '.join(map(str, users))}",
+                    "weights": n}
     for d in dense_left.values():
         d["share"] = d["weights"] / total if total else 0.0
     fallback = sorted(f"{r['layer']}.{n}" for r in layer_reports for n, m in r["modules"].items() if "fallback" in m)
@@ -272,7 +320,7 @@ def finish(p: Prepared, out: OutputDir, trunk: Trunk, layer_reports: list[dict],
     if extra:
         report.update(extra)
     layer_names = {i: trunk.layer_keys(i) for i in range(trunk.n_layers)}
-    rest = p.files.read(trunk.rest_keys())
+    rest = {**p.files.read(trunk.rest_keys()), **rest_extra}
     rest = {k: v.to(p.files.dtypes[k]) for k, v in rest.items()}
     # this process's reads of the model, the rest just read included (Ray stages: pipeline.stage_facts)
     report.update(p.files.counters())
@@ -380,7 +428,7 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict:
     out = OutputDir(cfg.out)
     trunk = Trunk(p.files, cfg.device, p.dtype)
     check_pattern(trunk, p.spec)
-    status = out.begin(fingerprint(p, [list(range(trunk.n_layers))]), cfg.overwrite)
+    status = out.begin(fingerprint(p, [list(range(trunk.n_layers))], trunk.has_ties), cfg.overwrite)
     try:
         progress = Progress(trunk.n_layers, quiet)
         if status == "complete":  # jobs.prune says so

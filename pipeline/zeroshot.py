@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 METRICS = ("acc", "acc_norm")
 
@@ -45,9 +48,12 @@ def _task_name(path: Path) -> str:
     return name
 
 
-def resolve(entries: list[str]):
-    """(task names, TaskManager) for `--tasks` entries; unknown names and bad files fail here, before
-    any pruning. Built-in tasks are indexed only when a registered name is asked for (it takes seconds)."""
+def resolve(entries: list[str], data: bool = True):
+    """(task names, TaskManager) for `--tasks` entries; unknown names, bad files and (with `data`) data
+    that cannot be read fail here, before any pruning. Built-in tasks are indexed only when a
+    registered name is asked for (it takes seconds). Each task is built once here, which reads its
+    data: from the local cache, or downloaded into it when the hub can be reached; where it cannot,
+    this process goes offline (`go_offline`), so neither this check nor the evaluation retries."""
     _, TaskManager = _harness()
     names, include = [], []
     for e in entries:
@@ -65,7 +71,87 @@ def resolve(entries: list[str]):
     unknown = [n for n in names if n not in tm.all_tasks]
     if unknown:
         raise TasksError(f"unknown lm-eval task {', '.join(unknown)} (a registered name, or a task YAML file)")
+    if data:
+        check_data(names, tm)
     return names, tm
+
+
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+PROBE_TIMEOUT = 3.0  # seconds to open a connection to the hub before calling it unreachable
+
+
+def offline_requested() -> bool:
+    import huggingface_hub.constants as hc
+    return hc.HF_HUB_OFFLINE or any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in OFFLINE_VARS)
+
+
+def hub_reachable(timeout: float = PROBE_TIMEOUT) -> bool:
+    """Whether a TCP connection to the hub's endpoint (HF_ENDPOINT) opens within `timeout` seconds:
+    one try, where huggingface_hub would retry each request five times with back-off (~25 s and
+    a warning per try, when the network is down)."""
+    import huggingface_hub.constants as hc
+    u = urlparse(hc.ENDPOINT)
+    try:
+        socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def go_offline() -> None:
+    """Hub and datasets read only their local caches from now on, in this process and its children.
+    Their libraries read the environment once, at import: set their flags too."""
+    for v in OFFLINE_VARS:
+        os.environ[v] = "1"
+    import huggingface_hub.constants as hc
+    hc.HF_HUB_OFFLINE = True
+    try:
+        import datasets.config as dc
+        dc.HF_HUB_OFFLINE = dc.HF_DATASETS_OFFLINE = True
+    except ImportError:
+        pass
+
+
+def check_data(names: list[str], tm) -> None:
+    """Build each task (lm-eval reads its data then); the first that fails is one error naming it."""
+    offline = offline_requested()
+    if not offline and not hub_reachable():
+        go_offline()
+        offline = "unreachable"
+    for n in names:
+        try:
+            with _quiet(logging.ERROR), _no_progress_bars():
+                tm.load([n])
+        except Exception as e:  # noqa: BLE001 - whatever the loader raises is one bad-input line
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            where = {"unreachable": f"the hub ({_endpoint()}) cannot be reached and it is not in the local cache",
+                     True: "offline (HF_HUB_OFFLINE) and it is not in the local cache"}.get(offline, why)
+            raise TasksError(f"task {n}: its data cannot be read: {where} ({why})") from None
+
+
+def _endpoint() -> str:
+    import huggingface_hub.constants as hc
+    return urlparse(hc.ENDPOINT).hostname or hc.ENDPOINT
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    try:
+        import datasets as dt
+        from datasets.utils import logging as dl
+    except ImportError:
+        yield
+        return
+    was = dt.are_progress_bars_disabled()
+    dt.disable_progress_bars()
+    old = dl.get_verbosity()
+    dl.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dl.set_verbosity(old)
+        if not was:
+            dt.enable_progress_bars()
 
 
 @contextlib.contextmanager

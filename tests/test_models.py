@@ -107,8 +107,9 @@ def test_deepseek_router_bias_loaded_and_written(tiny_arch, short_texts, tmp_pat
 def test_zamba2_shared_block_pruned_once(tiny_arch, short_texts, tmp_path):
     """Zamba2's layer 2 uses layer 1's shared transformer block (tied weights, stored once under
     layer 1). Layer 1 prunes it; layer 2 computes with the pruned block but neither prunes nor counts
-    it again; the block's adapter slot for layer 2 stays dense, reported; the embeddings that every
-    layer takes ride along with the hidden batches, so a batch size of 1 and of 4 agree."""
+    it again; the block's adapter slot for layer 2 (stored under layer 1's names, multiplied by layer
+    2 only) is pruned by layer 2 with its own Hessians and written in layer 2's shard; the embeddings
+    that every layer takes ride along with the hidden batches, so a batch size of 1 and of 4 agree."""
     folder = tiny_arch("zamba2")
     reports = {}
     for bs in (1, 4):
@@ -120,20 +121,38 @@ def test_zamba2_shared_block_pruned_once(tiny_arch, short_texts, tmp_path):
     shared = "shared_transformer.self_attn.q_proj"
     assert shared in by_layer[1]["modules"] and shared not in by_layer[2]["modules"]
     assert not any(n.startswith("shared_transformer.") for n in by_layer[2]["dense_left"])
-    # Layer 1 multiplies by its own adapter slot (0): pruned; slot 1 is layer 2's: dense, with the reason.
+    # Layer 1 multiplies by its own adapter slot (0) and prunes it; slot 1 is layer 2's: layer 1 leaves
+    # it (neither pruned, counted nor committed there), layer 2 prunes it and stores it.
+    slot1 = [f"shared_transformer.self_attn.linear_{x}_adapter_list.1.{k}" for x in "qkv" for k in (0, 1)] + \
+        [f"shared_transformer.feed_forward.gate_up_proj_adapter_list.1.{k}" for k in (0, 1)]
     assert "shared_transformer.self_attn.linear_q_adapter_list.0.0" in by_layer[1]["modules"]
-    left = by_layer[1]["dense_left"]["shared_transformer.self_attn.linear_q_adapter_list.1.0.weight"]
-    assert left["reason"].startswith("tied: used only by layer 2")
+    assert sorted(by_layer[1]["tied_later"]) == sorted(n + ".weight" for n in slot1)
+    assert sorted(by_layer[2]["tied_claimed"]) == sorted(n + ".weight" for n in slot1)
+    for n in slot1:
+        assert n in by_layer[2]["modules"] and n not in by_layer[1]["modules"], n
+    assert not [n for n, d in report["sparsity"]["dense_left"].items() if d["reason"].startswith("tied")]
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    layer2_shard = index["model.layers.2.linear.weight"]
+    for n in slot1:  # under the input's (layer 1's) names, in layer 2's shard, at the target
+        name = f"model.layers.1.{n}.weight"
+        assert index[name] == layer2_shard, name
+        w = tensor(out, name)
+        assert (w == 0).sum().item() == round(0.5 * w.numel()), name
+        assert not torch.equal(w, tensor(folder, name))
     # Counted once: layer weights add up to the checkpoint's layer weights (tied ones once).
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     n = sum(p.numel() for p in model.model.layers.parameters() if p.dim() >= 2)
     assert sum(r["weights"] for r in report["layers"]) == n
-    # The written block is the pruned one, once, under layer 1's names; the model ties layer 2 to it.
+    # The written block is the pruned one, once, under layer 1's names; the model ties layer 2 to it,
+    # the slot that layer 2 pruned included.
     name = "model.layers.1." + shared + ".weight"
     w = tensor(out, name)
     assert (w == 0).sum().item() == round(0.5 * w.numel())
+    assert keys(out) == keys(folder)
     assert model.model.layers[2].shared_transformer.self_attn.q_proj.weight.data_ptr() == \
         model.model.layers[1].shared_transformer.self_attn.q_proj.weight.data_ptr()
+    slot = model.model.layers[2].shared_transformer.self_attn.linear_q_adapter_list[1][0].weight
+    assert torch.equal(slot, tensor(out, "model.layers.1." + slot1[0] + ".weight"))
     # Float32, other batch shapes: the same to 1e-4 relative (summation order differs).
     for k in ("dense", "pruned"):
         assert reports[1]["perplexity"][k] == pytest.approx(reports[4]["perplexity"][k], rel=1e-4)
@@ -155,5 +174,33 @@ def test_zamba2_resume_after_the_owner_of_the_shared_block(tiny_arch, short_text
     again = run(RunConfig(out=str(out), **cfg), quiet=True)
     assert again["layers_resumed"] == 2 and again["layers_solved"] == 1
     assert again["perplexity"] == first["perplexity"]
+    for name in keys(whole):
+        assert torch.equal(tensor(out, name), tensor(whole, name)), name
+    assert again["sparsity"] == first["sparsity"]
+
+
+@pytest.mark.parametrize("done", [[0], [0, 1, 2]])
+def test_zamba2_resume_with_the_later_adapter_slots(tiny_arch, short_texts, tmp_path, done):
+    """Layer 2's adapter slot is stored in layer 2's shard under layer 1's names. A run stopped with
+    only layer 0 committed (layers 1 and 2 solved again: the slot must start from the input's dense
+    values, not from anything an interrupted run left), and one stopped after every layer committed
+    but before the checkpoint was finished (layer 2 loaded back with its pruned slot): bit-identical
+    output and report to the uninterrupted run."""
+    import shutil
+    cfg = dict(model=str(tiny_arch("zamba2")), calib=str(short_texts["calib"]), eval=str(short_texts["eval"]),
+               nsamples=4, seqlen=32, eval_windows=2, batch_size=4, method="sparsegpt")
+    whole = tmp_path / "whole"
+    first = run(RunConfig(out=str(whole), **cfg), quiet=True)
+    out = tmp_path / "out"
+    shutil.copytree(whole, out)
+    for f in ("config.json", "report.json", "model-00004-of-00004.safetensors", "model.safetensors.index.json"):
+        (out / f).unlink()
+    for i in set(range(3)) - set(done):  # never committed (their shards, if any, are left as a crash would)
+        (out / ".mwprune" / "layers" / f"{i:05d}.json").unlink()
+    again = run(RunConfig(out=str(out), **cfg), quiet=True)
+    assert again["layers_resumed"] == len(done) and again["layers_solved"] == 3 - len(done)
+    assert again["perplexity"] == first["perplexity"]
+    assert again["sparsity"] == first["sparsity"]
+    assert keys(out) == keys(whole)
     for name in keys(whole):
         assert torch.equal(tensor(out, name), tensor(whole, name)), name

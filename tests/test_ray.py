@@ -640,5 +640,9 @@ def test_zamba2_shared_block_across_stages(ray_local, tmp_path, real_model_dir, 
         assert prune(tiny_argv(model, short_texts, tmp_path / "single", "--mode", mode)) == 0
     assert prune(tiny_argv(model, short_texts, tmp_path / "k3", "--mode", mode, "--stages", 3)) == 0
     assert report(tmp_path / "k3")["pipeline"]["partition"] == [[0], [1], [2]]
+    # stage 2 holds layer 2, which prunes its adapter slot of the block that stage 1's layer 1 stores
+    k3 = report(tmp_path / "k3")
+    assert k3["layers"][2].get("tied_claimed") and k3["layers"][1].get("tied_later")
+    assert not [n for n, d in k3["sparsity"]["dense_left"].items() if d["reason"].startswith("tied")]
     assert_identical(tmp_path / "single", tmp_path / "k3")
     assert report(tmp_path / "k3")["perplexity"] == report(tmp_path / "single")["perplexity"]

@@ -363,3 +363,20 @@ def test_real_layers_group_behaviour(real):
         wide = prune_with_info(W, H, "multiweight", nm=nm, group=128)
         sal = prune_with_info(W, H, "multiweight", nm=nm, group=nm[1], mask_rule="saliency")
         assert wide.error < narrow.error <= sal.error, (nm, wide.error, narrow.error, sal.error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_report_error_blocked(dtype, monkeypatch):
+    """The reported error, formed over blocks of H's columns (no float64 copy of the whole H), equals
+    tr(ΔW H ΔWᵀ) to float64 rounding (1e-10 relative: the same terms summed in another order; H is
+    positive definite, so the total is a sum of mostly same-signed terms), and leaves its inputs
+    alone (a float64 W is not converted by .double(), so an in-place ΔW would overwrite it)."""
+    from pipeline.solvers import common
+    W0, H = problem(c=200)
+    W0, H = W0.to(dtype), H.to(dtype)
+    W = prune_with_info(W0, H, "sparsegpt", sparsity=0.5).weight
+    before = W.clone()
+    monkeypatch.setattr(common, "ERROR_BLOCK_BYTES", 8 * 200 * 7)  # blocks of 7 columns: a short last one
+    got = common.report_error(W, W0, H)
+    assert torch.equal(W, before)
+    assert got == pytest.approx(common.error(W, W0, H), rel=1e-10)

@@ -217,3 +217,51 @@ def test_expert_bundles_are_the_same_batches_for_any_number_of_workers(method, p
     for a, b in zip(alone, one):
         assert torch.equal(a.mask, b.mask)
         assert (a.weight - b.weight).abs().max() <= 1e-5 * a.weight.abs().max()
+
+
+def test_a_helpers_share_goes_in_bounded_calls(monkeypatch):
+    """StagePool (actors/stage.py) with two peers served in this process: each helper's share of a
+    phase goes out in calls of at most HELP_CALL_BYTES (estimated), taken one at a time, so a
+    helper never holds more than one call's pieces; the merged results equal the item-by-item
+    solves bit for bit (whole items: the same computation), and each call's estimate is within the
+    bound unless it is a single piece."""
+    ray = pytest.importorskip("ray")
+    from actors import stage as st
+
+    items = []
+    for j in range(8):  # 8 whole items (unstructured sparsegpt is never cut), one Hessian each
+        W, H = problem(24, 32, seed=10 + j)
+        items.append((W, H, kws("sparsegpt", "0.5")))
+    one = st.piece_bytes(items[0][0], items[0][2], 24) + 32 * 32 * 4
+    limit = 2 * one  # two pieces a call
+    monkeypatch.setattr(st, "HELP_CALL_BYTES", limit)
+    for p_share in spread.assign([(24, 32)] * 8, [kw for *_, kw in items], 3)[1:]:
+        calls = st.help_calls(items, p_share, limit)
+        assert [p for c in calls for p in c] == p_share  # every piece once, in order
+        for c in calls:
+            est = sum(st.piece_bytes(items[p.item][0], items[p.item][2], 24) + 32 * 32 * 4 for p in c)
+            assert est <= limit or len(c) == 1
+
+    class Peer:  # Stage.help on a plain Stage state, answered at once (ray.get is the identity here)
+        def __init__(self):
+            self.state = st.Stage.__new__(st.Stage)
+            self.state.device, self.state.help_busy, self.state.help_events, self.state.help_calls = "cpu", 0.0, [], 0
+            self.sizes = []
+            peer = self
+
+            class _Help:
+                @staticmethod
+                def remote(hessians, payload):
+                    peer.sizes.append(len(payload))
+                    return st.Stage.help(peer.state, hessians, payload)
+            self.help = _Help
+
+    monkeypatch.setattr(ray, "get", lambda ref: ref)
+    peers = [Peer(), Peer()]
+    got = st.StagePool(peers, "cpu").solve(items)
+    ref = spread.LocalPool().solve(items)
+    for a, b in zip(ref, got):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.mask, b.mask)
+    for p in peers:  # 8 items over 3 workers: 2-3 pieces a helper, at most 2 a call
+        assert p.state.help_calls == len(p.sizes) == -(-sum(p.sizes) // 2) and max(p.sizes) <= 2, p.sizes
+    assert sum(sum(p.sizes) for p in peers) == 5 and max(len(p.sizes) for p in peers) == 2

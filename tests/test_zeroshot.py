@@ -108,3 +108,40 @@ def test_bad_tasks_fail_before_any_work(tiny_model, short_texts, tmp_path, capsy
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
     assert not out.exists()
+
+
+def _prune_cli(argv, env_extra, tmp_path):
+    """jobs.prune in a fresh process (the hub libraries read their offline flags at import), with an
+    empty hub cache so no earlier download can answer."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_OFFLINE"))}
+    env.update(PYTHONPATH=str(root), OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf-home"),
+               HF_DATASETS_CACHE=str(tmp_path / "hf-datasets"), **env_extra)
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "jobs.prune", *argv], env=env, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    return r, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", "unreachable"])
+def test_unreachable_task_data_fails_before_any_work(tiny_model, short_texts, tmp_path, how):
+    """A registered task whose data is neither cached nor reachable: one line, exit 2, before any
+    pruning (nothing written), without huggingface_hub's five retries per request (~25 s of back-off
+    and a warning each). "unreachable": the hub's endpoint refuses connections (a closed local port),
+    whatever this machine's network, so the probe (not an environment flag) must decide."""
+    out = tmp_path / "out"
+    env = {"HF_HUB_OFFLINE": "1"} if how == "HF_HUB_OFFLINE" else {"HF_ENDPOINT": "http://127.0.0.1:9"}
+    r, wall = _prune_cli(["--model", str(tiny_model("llama")), "--out", str(out), "--calib", str(short_texts["calib"]),
+                          "--nsamples", "4", "--seqlen", "32", "--eval-windows", "1", "--tasks", "arc_easy"], env, tmp_path)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert len(err) == 1 and err[0].startswith("error: task arc_easy: its data cannot be read"), err
+    assert ("offline (HF_HUB_OFFLINE)" if how == "HF_HUB_OFFLINE" else "cannot be reached") in err[0], err
+    assert not out.exists()
+    # lm-eval's task index takes ~5-20 s here; the retries alone took ~25 s more before
+    assert wall < 60, wall

@@ -70,6 +70,20 @@ def shared_with(p: torch.Tensor) -> list[int]:
     return getattr(p, "_mwprune_shared_with", [])
 
 
+def can_pass_on(p: torch.Tensor) -> bool:
+    """Whether this layer's tied parameter `p`, if this layer never multiplies it, can be left to the
+    later layer that does (its checkpoint tensors feed it alone, so they can move to that layer's
+    shard). Set by `Trunk.load_layer`."""
+    return getattr(p, "_mwprune_pass_on", False)
+
+
+def claimable(p: torch.Tensor) -> bool:
+    """A tied parameter stored by an earlier layer that left it to the layer that multiplies it
+    (Zamba2's adapter slot of a later hybrid layer): this layer prunes it if its forward multiplies
+    it. Set by `Trunk.load_layer`."""
+    return getattr(p, "_mwprune_claimable", False)
+
+
 @dataclass
 class Unit:
     """One matrix the layer multiplies by: a 2-D parameter, or expert `expert` of a 3-D one.
@@ -105,6 +119,9 @@ class Plan:
     phases: list[list[list[str]]]
     expert_phase: list[bool]
     dense_left: dict[str, str] = field(default_factory=dict)  # layer parameter -> why it stays dense
+    # tied parameters this layer stores but never multiplies, left to the later layer that does
+    # (layer parameter -> the later layers that share it): neither pruned nor counted here
+    tied_later: dict[str, list[int]] = field(default_factory=dict)
 
     def phase_of(self) -> dict[str, int]:
         return {u: k for k, ph in enumerate(self.phases) for g in ph for u in g}
@@ -116,7 +133,7 @@ def candidates(layer: nn.Module, adapter: Adapter) -> tuple[dict[str, Unit], dic
     convs = {n for n, m in layer.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
     for pname, p in layer.named_parameters():
         owner = pname.rpartition(".")[0]
-        if p.dim() < 2 or tied_owner(p) is not None:
+        if p.dim() < 2 or (tied_owner(p) is not None and not claimable(p)):
             continue  # a tied weight stored by another layer is pruned (and counted) there
         if is_router(pname):
             dense[pname] = "router"
@@ -256,6 +273,8 @@ def plan_layer(layer: nn.Module, adapter: Adapter, hidden: torch.Tensor, call: t
             expert_phase.append(True)
         phases[by_param[key]].append(names)
     used = {n for ph in phases for g in ph for n in g}
+    later: dict[str, list[int]] = {}
+    left: set[str] = set()
     expert_params = {units[n].param for n in used if units[n].expert is not None}
     for name, u in units.items():
         if name in used:
@@ -268,16 +287,20 @@ def plan_layer(layer: nn.Module, adapter: Adapter, hidden: torch.Tensor, call: t
             sib = next(units[n] for g in phases[k] for n in g if units[n].param == u.param)
             u.transposed = sib.transposed
             phases[k].append([name])
+        elif claimable(u.tensor(layer)):
+            left.add(u.param)  # another later layer's: it prunes and counts it
+        elif shared_with(u.tensor(layer)) and can_pass_on(u.tensor(layer)):
+            later[u.param] = list(shared_with(u.tensor(layer)))
         elif shared_with(u.tensor(layer)):
             users = ", ".join(map(str, shared_with(u.tensor(layer))))
             dense[u.param] = (f"tied: used only by layer {users}, and tied weights are pruned once, "
                               f"by the layer that stores them")
         else:
             dense[u.param] = "never multiplied in a forward pass"
-    kept = {n: u for n, u in units.items() if u.param not in dense}
+    kept = {n: u for n, u in units.items() if u.param not in dense and u.param not in later and u.param not in left}
     if not kept:
         raise UnsupportedModel(f"no prunable matrices found in {type(layer).__name__}")
-    return Plan(kept, phases, expert_phase, dense)
+    return Plan(kept, phases, expert_phase, dense, later)
 
 
 def run_until_stop(layer: nn.Module, hidden: torch.Tensor, call) -> None:

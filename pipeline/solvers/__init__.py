@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import admm, magnitude, multiweight, refit as refit_mod, sparsegpt, wanda
-from .common import CholeskyError, damped, damped_many, diag, error
+from .common import CholeskyError, damped, damped_many, diag, report_error
 from .hessian import HessianAccumulator
 
 __all__ = ["prune", "prune_with_info", "prune_many", "many_bytes", "PruneResult", "HessianAccumulator", "METHODS",
@@ -116,7 +116,9 @@ def prune_with_info(weight: torch.Tensor, hessian: torch.Tensor, method: str = "
     W = W.masked_fill_(P, 0).to(weight.dtype)
     _sync(dev)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    err = error(W, weight.detach(), hessian.to(dev))
+    del W0, H, Hd  # the solve's copies (2 c² for H alone) are not held while the error is formed
+    opts.pop("hessian", None)
+    err = report_error(W, weight.detach(), hessian.to(dev))
     return PruneResult(W, ~P, err, lam, pd, seconds, cpu, method, pattern, opts.get("refit", refit))
 
 
@@ -220,9 +222,10 @@ def prune_many(weights, hessians, method: str = "multiweight", *, sparsity: floa
             _sync(dev)
             n = len(sel)
             seconds, cpu = (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
+            del W0, H, Hd  # as prune_with_info: not held while the errors are formed
             for j, e in enumerate(sel.tolist()):
                 if finite[j]:
-                    err = error(W[j], W_in[e].detach(), H_in[e].to(dev))
+                    err = report_error(W[j], W_in[e].detach(), H_in[e].to(dev))
                     out[e] = PruneResult(W[j], ~P[j], err, lams[e], pd, seconds, cpu, method,
                                          pattern, refit)
     return [r if r is not None else alone(e) for e, r in enumerate(out)]

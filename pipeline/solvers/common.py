@@ -101,3 +101,21 @@ def error(W: torch.Tensor, W0: torch.Tensor, H: torch.Tensor) -> float:
     """tr(ΔW H ΔWᵀ), ΔW = W - W0, in float64 (half-precision inputs would lose ΔW itself)."""
     dW = W.double() - W0.double()
     return float(((dW @ H.double()) * dW).sum())
+
+
+ERROR_BLOCK_BYTES = 16 << 20  # float64 columns of H converted at a time by report_error
+
+
+def report_error(W: torch.Tensor, W0: torch.Tensor, H: torch.Tensor) -> float:
+    """`error`, the number a solve reports, computed over blocks of H's columns: no float64 copy of
+    the whole H (c² doubles: 134 MB at c = 4096) nor of ΔW H, only ΔW and one block at a time
+    (ΔW in the same float64 values; the sum in another order, so the result may differ from
+    `error` in its last bits). The solvers' decisions (admm's choice of mask) keep `error`."""
+    dW = W.to(torch.float64, copy=True)  # a copy even when W is float64: it is changed in place next
+    dW.sub_(W0)  # float32 -> float64 is exact: the same ΔW as W.double() - W0.double()
+    c = H.shape[-1]
+    step = max(1, ERROR_BLOCK_BYTES // (8 * c))
+    total = torch.zeros((), dtype=torch.float64, device=dW.device)
+    for a in range(0, c, step):
+        total += ((dW @ H[:, a:a + step].double()) * dW[:, a:a + step]).sum()
+    return float(total)
