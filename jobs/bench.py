@@ -50,6 +50,20 @@ SMALL_PATTERNS = ["0.5", "2:4"]
 FULL_PATTERNS = ["0.5", "0.6", "0.7", "2:4", "4:8"]
 
 
+
+def finished_rows(rows_file: Path, proto: dict, key: tuple[str, ...]) -> dict:
+    """Rows an interrupted grid already wrote for this protocol, by `key` (rerunning skips them)."""
+    done = {}
+    if rows_file.exists():
+        for line in rows_file.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if r.get("protocol") == proto:
+                done[tuple(r[k] for k in key)] = r
+    return done
+
 def machine() -> str:
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {dev}, torch {torch.__version__}"
@@ -89,15 +103,7 @@ def e2e(out: Path, full: bool, patterns: list[str] | None, nsamples: int | None,
     inputs = {k: v for k, v in (inputs or {}).items() if v}  # model, calib, eval: None = built-in
     proto.update({k: str(v) for k, v in inputs.items()})
     rows_file = out / "e2e_rows.jsonl"
-    done = {}
-    if rows_file.exists():
-        for line in rows_file.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if r.get("protocol") == proto:
-                done[(r["pattern"], r["method"])] = r
+    done = finished_rows(rows_file, proto, ("pattern", "method"))
     rows = []
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-", dir=out))
     try:
@@ -149,15 +155,7 @@ def blend(out: Path, patterns: list[str] | None, methods: list[str] | None, valu
     torch.set_num_threads(1)
     proto = {"nsamples": nsamples or 16, "seqlen": seqlen or 512, "eval_windows": eval_windows or 8}
     rows_file = out / "blend_rows.jsonl"
-    done = {}
-    if rows_file.exists():
-        for line in rows_file.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if r.get("protocol") == proto:
-                done[(r["pattern"], r["method"], r["blend"])] = r
+    done = finished_rows(rows_file, proto, ("pattern", "method", "blend"))
     rows = []
     work = Path(tempfile.mkdtemp(prefix="bench-blend-", dir=out))
     try:

@@ -292,34 +292,32 @@ class Store:
                 out.append(i)
         return out
 
-    def read_range(self, rel: str, offset: int, length: int) -> bytes:
-        f = self._handle(rel)
+    def _counted(self, rel: str, read) -> bytes:
+        """One request: `read()`'s bytes, counted and timed; any failure is one RemoteError line."""
         t0 = time.perf_counter()
         try:
-            data = f.read_at(length, offset)
+            data = read()
         except Exception as e:  # noqa: BLE001
             raise self._fail(rel, e) from None
         finally:
             self.read_seconds += time.perf_counter() - t0
             self.requests += 1
         self.bytes_read += len(data)
+        return data
+
+    def read_range(self, rel: str, offset: int, length: int) -> bytes:
+        f = self._handle(rel)
+        data = self._counted(rel, lambda: f.read_at(length, offset))
         if len(data) != length:
             raise RemoteError(f"corrupt or truncated safetensors file {self.where(rel)}: "
                               f"{length} bytes at {offset} asked for, {len(data)} read")
         return data
 
     def read_all(self, rel: str) -> bytes:
-        t0 = time.perf_counter()
-        try:
+        def read():
             with self.fs.open_input_stream(self.path(rel)) as f:
-                data = f.read()
-        except Exception as e:  # noqa: BLE001
-            raise self._fail(rel, e) from None
-        finally:
-            self.read_seconds += time.perf_counter() - t0
-            self.requests += 1
-        self.bytes_read += len(data)
-        return data
+                return f.read()
+        return self._counted(rel, read)
 
     def fetch_to(self, rels: list[str], folder: Path) -> Path:
         """Copy objects `rels` (relative to this prefix) into `folder` under the same names; a folder
