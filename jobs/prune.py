@@ -1,7 +1,8 @@
 """Prune a causal LM: `mwprune --model PATH --out DIR [options]` (or `python -m jobs.prune ...`).
 
 With no arguments it prunes the built-in SmolLM2-135M with Austen text into ./out/. One process by
-default; with --stages K, --mode or --address it runs as Ray stage actors (actors/driver.py).
+default; with --stages K > 1, --mode stagewise|dense, --address or RAY_ADDRESS it runs as Ray stage
+actors (actors/driver.py).
 Bad input ends with a one-line error and exit status 2; nothing is written.
 """
 from __future__ import annotations
@@ -43,7 +44,8 @@ def _nm(text: str) -> tuple[int, int]:
 
 def parser(prog: str = "python -m jobs.prune") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description=__doc__.splitlines()[0], formatter_class=_Help)
-    p.add_argument("--model", help="HF folder (safetensors) or .gguf file; default: built-in SmolLM2-135M")
+    p.add_argument("--model", help="HF folder (safetensors), .gguf file, or object-store URI (s3://bucket/model: "
+                   "each process reads only the tensors it loads); default: built-in SmolLM2-135M-Instruct")
     p.add_argument("--out", help="output folder or URI (s3://, gs://...); default: out/<model>-<method>-<pattern>, "
                    "then every other option that changes the result (see README)")
     p.add_argument("--method", default="multiweight", help="multiweight | sparsegpt | wanda | magnitude | admm (mask search from multiweight's, refitted)")
@@ -60,8 +62,8 @@ def parser(prog: str = "python -m jobs.prune") -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=None, help="multiweight: columns solved jointly (default 128)")
     p.add_argument("--mask-rule", default=None, help="multiweight N:M: saliency | exact (default exact)")
     p.add_argument("--calib", help="calibration data: a .txt, .jsonl/.json/.parquet/.arrow file, a datasets folder "
-                   "(save_to_disk or data files; FOLDER:SPLIT), or a hub id NAME[:CONFIG][:SPLIT]; "
-                   "default: Pride and Prejudice")
+                   "(save_to_disk or data files; FOLDER:SPLIT), any of those on an object store (s3://...), "
+                   "or a hub id NAME[:CONFIG][:SPLIT]; default: Pride and Prejudice")
     p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128 on GPU, 16 on CPU)")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 2048 on GPU, 512 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="calibration windows' random draws")
@@ -80,7 +82,8 @@ def parser(prog: str = "python -m jobs.prune") -> argparse.ArgumentParser:
     p.add_argument("--stages", type=int, default=None, help="Ray stage actors (default: GPUs in the cluster, or 1)")
     p.add_argument("--mode", default="sequential", help="sequential | stagewise | dense calibration")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS; without either, "
-                   "--stages > 1 or --mode starts a local Ray cluster)")
+                   "--stages > 1 or --mode stagewise|dense starts a local Ray cluster; --mode sequential "
+                   "alone runs in this process)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run of this tool in --out")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
