@@ -158,20 +158,28 @@ def test_zamba2_shared_block_pruned_once(tiny_arch, short_texts, tmp_path):
         assert reports[1]["perplexity"][k] == pytest.approx(reports[4]["perplexity"][k], rel=1e-4)
 
 
-def test_zamba2_resume_after_the_owner_of_the_shared_block(tiny_arch, short_texts, tmp_path):
-    """A run stopped after layer 1 (which stores and prunes the shared block) committed: the rerun
-    loads layer 1 back and solves layer 2 with the block exactly as committed; bit-identical result."""
+def _zamba2_resumed(tiny_arch, short_texts, tmp_path, done, **opts):
+    """The tiny Zamba2 run whole, then a copy of it cut back to a run stopped with only layers `done`
+    committed and the checkpoint unfinished (other layers' shards left as a crash would), resumed.
+    Returns (whole run's report, resumed run's report, whole folder, resumed folder)."""
     import shutil
     cfg = dict(model=str(tiny_arch("zamba2")), calib=str(short_texts["calib"]), eval=str(short_texts["eval"]),
-               nsamples=4, seqlen=32, eval_windows=2, batch_size=4, nm=(2, 4))
+               nsamples=4, seqlen=32, eval_windows=2, batch_size=4, **opts)
     whole = tmp_path / "whole"
     first = run(RunConfig(out=str(whole), **cfg), quiet=True)
     out = tmp_path / "out"
     shutil.copytree(whole, out)
     for f in ("config.json", "report.json", "model-00004-of-00004.safetensors", "model.safetensors.index.json"):
         (out / f).unlink()
-    (out / ".mwprune" / "layers" / "00002.json").unlink()  # layer 2 never committed
-    again = run(RunConfig(out=str(out), **cfg), quiet=True)
+    for i in set(range(3)) - set(done):
+        (out / ".mwprune" / "layers" / f"{i:05d}.json").unlink()
+    return first, run(RunConfig(out=str(out), **cfg), quiet=True), whole, out
+
+
+def test_zamba2_resume_after_the_owner_of_the_shared_block(tiny_arch, short_texts, tmp_path):
+    """A run stopped after layer 1 (which stores and prunes the shared block) committed: the rerun
+    loads layer 1 back and solves layer 2 with the block exactly as committed; bit-identical result."""
+    first, again, whole, out = _zamba2_resumed(tiny_arch, short_texts, tmp_path, [0, 1], nm=(2, 4))
     assert again["layers_resumed"] == 2 and again["layers_solved"] == 1
     assert again["perplexity"] == first["perplexity"]
     for name in keys(whole):
@@ -186,18 +194,7 @@ def test_zamba2_resume_with_the_later_adapter_slots(tiny_arch, short_texts, tmp_
     values, not from anything an interrupted run left), and one stopped after every layer committed
     but before the checkpoint was finished (layer 2 loaded back with its pruned slot): bit-identical
     output and report to the uninterrupted run."""
-    import shutil
-    cfg = dict(model=str(tiny_arch("zamba2")), calib=str(short_texts["calib"]), eval=str(short_texts["eval"]),
-               nsamples=4, seqlen=32, eval_windows=2, batch_size=4, method="sparsegpt")
-    whole = tmp_path / "whole"
-    first = run(RunConfig(out=str(whole), **cfg), quiet=True)
-    out = tmp_path / "out"
-    shutil.copytree(whole, out)
-    for f in ("config.json", "report.json", "model-00004-of-00004.safetensors", "model.safetensors.index.json"):
-        (out / f).unlink()
-    for i in set(range(3)) - set(done):  # never committed (their shards, if any, are left as a crash would)
-        (out / ".mwprune" / "layers" / f"{i:05d}.json").unlink()
-    again = run(RunConfig(out=str(out), **cfg), quiet=True)
+    first, again, whole, out = _zamba2_resumed(tiny_arch, short_texts, tmp_path, done, method="sparsegpt")
     assert again["layers_resumed"] == len(done) and again["layers_solved"] == 3 - len(done)
     assert again["perplexity"] == first["perplexity"]
     assert again["sparsity"] == first["sparsity"]
