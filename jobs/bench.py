@@ -180,6 +180,7 @@ def blend(out: Path, patterns: list[str] | None, methods: list[str] | None, valu
                     row = {"pattern": pat, "method": name, "blend": value, "dense": rep["perplexity"]["dense"],
                            "pruned": rep["perplexity"]["pruned"], "seconds": wall, "cpu_seconds": cpu,
                            "mean_alpha": tb.get("mean_alpha"), "chosen_counts": tb.get("chosen_counts"),
+                           "mean_optimum": tb.get("mean_optimum"),
                            "dense_stream_forward_seconds": tb.get("dense_stream_forward_seconds"),
                            "protocol": proto}
                     rows.append(row)
@@ -212,6 +213,7 @@ def blend_summary(rows: list[dict]) -> list[dict]:
                         "zero": zero and zero["pruned"], "best_fixed": best and best["pruned"],
                         "best_fixed_alpha": best and best["blend"], "auto": auto and auto["pruned"],
                         "auto_mean_alpha": auto and auto.get("mean_alpha"),
+                        "auto_mean_optimum": auto and auto.get("mean_optimum"),
                         "gap_closed": {k: closed(r) for k, r in (("zero", zero), ("best_fixed", best), ("auto", auto))},
                         "auto_cpu_vs_zero": auto["cpu_seconds"] / zero["cpu_seconds"] if auto and zero else None,
                         "auto_within_half_percent": auto["pruned"] <= 1.005 * zero["pruned"] if auto and zero else None})
@@ -224,11 +226,12 @@ def blend_table(res: dict) -> str:
 
     def pct(x):
         return "-" if x is None else f"{100 * x:+.1f}%"
-    lines = ["| pattern | method | α = 0 | best fixed α | auto (mean α) | gap closed: 0 / fixed / auto "
+    lines = ["| pattern | method | α = 0 | best fixed α | auto (mean α; mean module optimum) | gap closed: 0 / fixed / auto "
              "| auto CPU vs α = 0 | auto within 0.5% |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in res["summary"]:
         g = r["gap_closed"]
-        am = "" if r["auto_mean_alpha"] is None else f" ({r['auto_mean_alpha']:.3f})"
+        am = "" if r["auto_mean_alpha"] is None else f" ({r['auto_mean_alpha']:.3f}" + \
+            ("" if r.get("auto_mean_optimum") is None else f"; {r['auto_mean_optimum']:.2f}") + ")"
         lines.append(f"| {r['pattern']} | {r['method']} | {f(r['zero'])} | {f(r['best_fixed'])}"
                      f"{'' if r['best_fixed_alpha'] is None else ' (' + r['best_fixed_alpha'] + ')'} | "
                      f"{f(r['auto'])}{am} | "

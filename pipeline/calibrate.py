@@ -470,7 +470,10 @@ MIN_EXPERT_TOKENS = 16
 
 class _Pair:
     """What the blend needs beside a group's Hessian (solvers/blend.py): C over every batch and, for
-    auto, the fit batches' H and C and the held-out batches' H, C and dense Gram, all c x c."""
+    auto, the fit batches' H and C and the held-out batches' H, C and dense Gram, all c x c.
+
+    With auto, the group's H and C are the token-weighted merges of their fit and held-out parts
+    (`whole`): each product is taken once, not once for the whole and again for a part."""
 
     def __init__(self, columns: int, device, auto: bool):
         self.cross = blend_mod.CrossAccumulator(columns, device=device)
@@ -482,16 +485,31 @@ class _Pair:
             self.c_held = blend_mod.CrossAccumulator(columns, device=device)
             self.g_held = HessianAccumulator(columns, device=device)
 
-    def add(self, xh: torch.Tensor, x: torch.Tensor, held: bool) -> None:
-        self.cross.add(xh, x)
-        if self.auto:
-            if held:
-                self.h_held.add(xh)
-                self.c_held.add(xh, x)
-                self.g_held.add(x)
-            else:
-                self.h_fit.add(xh)
-                self.c_fit.add(xh, x)
+    def add(self, xh: torch.Tensor, x: torch.Tensor | None, held: bool) -> None:
+        """xh's rows paired with x's (x None: rows without a dense input, counted in `unpaired`; with
+        auto they still enter H, which is built from the parts)."""
+        if x is None:
+            self.unpaired += xh.reshape(-1, xh.shape[-1]).shape[0]
+            if self.auto:
+                (self.h_held if held else self.h_fit).add(xh)
+            return
+        if not self.auto:
+            self.cross.add(xh, x)
+        elif held:
+            self.h_held.add(xh)
+            self.c_held.add(xh, x)
+            self.g_held.add(x)
+        else:
+            self.h_fit.add(xh)
+            self.c_fit.add(xh, x)
+
+    def whole(self) -> HessianAccumulator:
+        """auto: the group's H over every token (fit and held-out parts merged); C likewise, in place."""
+        H = HessianAccumulator(self.h_fit.columns, device=self.h_fit.hessian.device)
+        H.merge(self.h_fit).merge(self.h_held)
+        self.cross = blend_mod.CrossAccumulator(self.c_fit.columns, device=self.c_fit.cross.device)
+        self.cross.merge(self.c_fit).merge(self.c_held)
+        return H
 
     def merge(self, other: "_Pair") -> "_Pair":
         self.cross.merge(other.cross)
@@ -552,13 +570,11 @@ class _Tokens:
         """(token indices of x's rows or None, whether the rows are the router's input rows)."""
         c, rows = x.shape[-1], x.detach().reshape(-1, x.shape[-1])
         src = self.routers.get(c)
-        if src is not None:
+        if src is not None and rows.shape[0]:
             if c not in self.index:
-                self.index[c] = _row_index(src)
-            raw = rows.contiguous().cpu().view(torch.uint8).numpy()
-            idx = [self.index[c].get(raw[t].tobytes(), -1) for t in range(raw.shape[0])]
-            if idx and min(idx) >= 0:
-                found = torch.tensor(idx, dtype=torch.long)
+                self.index[c] = _RowIndex(src)
+            found = self.index[c].find(rows)
+            if found is not None:
                 self.last[u.expert] = found
                 return found, True
         last = self.last.get(u.expert)
@@ -594,13 +610,61 @@ def dense_capture(layer: nn.Module, plan: Plan, batches: list[torch.Tensor], cal
     return outs, caps
 
 
-def _row_index(x: torch.Tensor) -> dict:
-    """Row bytes -> row index, to find which tokens a router sent to an expert (rows copied exactly)."""
-    raw = x.contiguous().cpu().view(torch.uint8).numpy()
-    out: dict = {}
-    for j in range(raw.shape[0]):
-        out.setdefault(raw[j].tobytes(), j)
-    return out
+_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """x's rows as integers of the same width (a view where x is contiguous): equal bytes, equal rows."""
+    x = x.detach().reshape(-1, x.shape[-1]).contiguous()
+    return x.view(_INT[x.element_size()])
+
+
+def _keys(bits: torch.Tensor, mult: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """One int64 key per row: a fixed random combination of the row's 16-bit words (each term below
+    2^30 x 2^16, so a sum of up to 2^16 words stays inside int64), in chunks of rows to bound the
+    int64 copy."""
+    out = []
+    for r in bits.split(chunk):
+        w = r.view(torch.uint8).view(torch.int16).long() & 0xFFFF
+        out.append((w * mult).sum(1))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=bits.device)
+
+
+class _RowIndex:
+    """The rows of a router's input, found again by their bytes (an expert receives exact copies):
+    keys sorted once, looked up with searchsorted, a hit counting only where the bytes are equal."""
+
+    def __init__(self, x: torch.Tensor):
+        self.bits = _bits(x)
+        words = self.bits.shape[1] * self.bits.element_size() // 2
+        g = torch.Generator().manual_seed(0)
+        self.mult = torch.randint(1, 1 << 30, (words,), generator=g).to(self.bits.device)
+        self.keys, self.order = torch.sort(_keys(self.bits, self.mult), stable=True)  # stable: first equal row wins
+
+    def find(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Each of x's rows' index among the router input's rows (the first equal one), on the CPU;
+        None unless every row is found."""
+        q = _bits(x).to(self.bits.device)
+        if q.shape[1] != self.bits.shape[1] or q.dtype != self.bits.dtype:
+            return None
+        k = _keys(q, self.mult)
+        pos = torch.searchsorted(self.keys, k).clamp(max=len(self.keys) - 1)
+        idx = self.order[pos]
+        if bool((self.bits[idx] == q).all()):
+            return idx.cpu()
+        # a key that different rows share (rare): row by row among the equal keys
+        out = []
+        for t in range(q.shape[0]):
+            n, hit = int(pos[t]), -1
+            while n < len(self.keys) and self.keys[n] == k[t]:
+                if bool((self.bits[self.order[n]] == q[t]).all()):
+                    hit = int(self.order[n])
+                    break
+                n += 1
+            if hit < 0:
+                return None
+            out.append(hit)
+        return torch.tensor(out, dtype=torch.long)
 
 
 def new_pairs(layer: nn.Module, plan: Plan, k: int, groups: list[int], device, auto: bool) -> list[_Pair]:
@@ -608,19 +672,24 @@ def new_pairs(layer: nn.Module, plan: Plan, k: int, groups: list[int], device, a
     return [_Pair(units[phase[j][0]].weight(layer).shape[1], device, auto) for j in groups]
 
 
-def choose_alpha(W: torch.Tensor, pair: _Pair, kw: dict) -> tuple[float, dict]:
-    """auto: the grid's α whose solve on the fit batches gives the least held-out error
-    ||ŴX̂ - WX||² / n (ties: the smaller α); with its scores by α."""
-    pd = kw.get("percdamp", 0.01)
-    scores = {}
-    T = blend_mod.target(W, pair.h_fit.hessian, pair.c_fit.cross, pd)  # factored once for the grid
-    for a in blend_mod.GRID:
-        Wa = blend_mod.along(W, T, a)
-        res = prune_with_info(Wa, pair.h_fit.hessian, **kw)
-        scores[a] = blend_mod.heldout_error(res.weight, W, pair.h_held.hessian, pair.c_held.cross,
-                                            pair.g_held.hessian)
+# auto keeps α = 0 unless the blend lowers the held-out error by more than this share of the dense
+# outputs' energy: below it the scores differ by the rounding of their float64 traces (X̂ = X, as in a
+# model's first layer, gives T = W up to rounding), not by anything the blend would fix.
+AUTO_MIN_GAIN = 1e-9
+
+
+def choose_alpha(W: torch.Tensor, pair: _Pair, kw: dict) -> tuple[float, dict, float]:
+    """auto: the grid's α whose blended weight W_α (its target fitted on the fit batches) has the least
+    held-out error ||W_αX̂ - WX||² / n, a parabola in α (blend.heldout_curve; no trial solve). Returns
+    α, the scores by α, and the parabola's own minimum over [0, 1] (where the module alone would go)."""
+    T = blend_mod.target(W, pair.h_fit.hessian, pair.c_fit.cross, kw.get("percdamp", 0.01))
+    e0, b, q, energy = blend_mod.heldout_curve(W, T, pair.h_held.hessian, pair.c_held.cross, pair.g_held.hessian)
+    scores = {a: e0 + 2 * a * b + a * a * q for a in blend_mod.GRID}
     best = min(scores, key=lambda a: (scores[a], a))
-    return best, {f"{a:g}": v for a, v in scores.items()}
+    if scores[0.0] - scores[best] <= AUTO_MIN_GAIN * energy:
+        best = 0.0
+    optimum = min(1.0, max(0.0, -b / q)) if q > 0 else 0.0
+    return best, {f"{a:g}": v for a, v in scores.items()}, optimum
 
 
 @torch.no_grad()
@@ -645,6 +714,7 @@ def accumulate_phase(layer: nn.Module, plan: Plan, k: int, batches: list[torch.T
     feeds = {phase[j][0]: n for n, j in enumerate(groups)}  # a group's input is taken at its first unit's use
     where = plan.phase_of()
     expert = plan.expert_phase[k]
+    auto = blend is not None and blend.auto
 
     cur: dict = {}
 
@@ -653,7 +723,8 @@ def accumulate_phase(layer: nn.Module, plan: Plan, k: int, batches: list[torch.T
         if blend is not None and u.expert is not None:
             tok = cur["tokens"].of(u, x)  # every expert use, so that later matrices know their tokens
         if j is not None:
-            accs[j].add(x)
+            if not auto:  # auto builds H from its fit and held-out parts (_Pair.whole)
+                accs[j].add(x)
             if blend is not None:
                 _pair(j, u, x, tok if u.expert is not None else None)
             if not expert:
@@ -665,32 +736,28 @@ def accumulate_phase(layer: nn.Module, plan: Plan, k: int, batches: list[torch.T
         b = cur["b"]
         held, dense = b in blend.held, blend.dense[b]
         if u.expert is None:
-            if u.name in dense and dense[u.name].shape == x.shape:
-                pairs[j].add(x, dense[u.name], held)
-            else:
-                pairs[j].unpaired += x.reshape(-1, x.shape[-1]).shape[0]
+            ok = u.name in dense and dense[u.name].shape == x.shape
+            pairs[j].add(x, dense[u.name] if ok else None, held)
             return
         idx, at_router = tok
         rows = x.detach().reshape(-1, x.shape[-1])
         if idx is None:
-            pairs[j].unpaired += rows.shape[0]
+            pairs[j].add(rows, None, held)
             return
         if at_router:  # the expert's input is the MoE block's input: the dense one at the same tokens
             src = dense["routers"].get(x.shape[-1])
-            if src is None:
-                pairs[j].unpaired += rows.shape[0]
-                return
-            pairs[j].add(rows, src[idx.to(src.device)], held)
+            pairs[j].add(rows, None if src is None else src[idx.to(src.device)], held)
             return
         # A later matrix of the expert (down_proj): the dense expert's input at the tokens the dense
         # router also sent it; a token it did not is paired with itself (target = its own output).
         didx, drows = dense["experts"].get(u.name, (torch.empty(0, dtype=torch.long), None))
-        where_d = {t: n for n, t in enumerate(didx.tolist())}
-        pos = [where_d.get(t, -1) for t in idx.tolist()]
         target = rows.clone()
-        hit = [n for n, q in enumerate(pos) if q >= 0]
-        if hit:
-            target[hit] = drows[[pos[n] for n in hit]].to(target)
+        if len(didx):
+            at = torch.full((int(max(didx.max(), idx.max())) + 1,), -1, dtype=torch.long)
+            at[didx] = torch.arange(len(didx))  # token -> its row in the dense expert's input
+            pos = at[idx]
+            hit = pos >= 0
+            target[hit.to(target.device)] = drows[pos[hit].to(drows.device)].to(target)
         pairs[j].add(rows, target, held)
 
     with WeightUses(layer, units, on_use):
@@ -699,6 +766,9 @@ def accumulate_phase(layer: nn.Module, plan: Plan, k: int, batches: list[torch.T
             cur.update(b=n, tokens=_Tokens(routers))
             with _router_inputs(layer, routers) if blend is not None else contextlib.nullcontext():
                 run_until_stop(layer, b, calls[tuple(b.shape[:2])][i])
+    if auto:
+        for n in range(len(accs)):
+            accs[n] = pairs[n].whole()
     return accs
 
 
@@ -841,8 +911,8 @@ def _blend_info(W: torch.Tensor, H: torch.Tensor, pair: _Pair, blend: _Blend, kw
     if pair.h_held.count == 0 or pair.h_fit.count < MIN_EXPERT_TOKENS:
         return {"blend": 0.0, "blend_note": f"auto: {pair.h_fit.count} fit and {pair.h_held.count} held-out "
                                             f"tokens, too few to choose: solved at 0"}
-    a, scores = choose_alpha(W, pair, kw)
-    return {"blend": a, "blend_scores": scores}
+    a, scores, optimum = choose_alpha(W, pair, kw)
+    return {"blend": a, "blend_scores": scores, "blend_optimum": optimum}
 
 
 @dataclass

@@ -344,11 +344,18 @@ def blend_report(cfg: RunConfig, layer_reports: list[dict], dense_seconds: float
             "grid": list(blend_grid()) if cfg.target_blend == "auto" else None,
             "modules": len(chosen), "chosen_counts": dict(sorted(counts.items())),
             "mean_alpha": sum(chosen) / len(chosen) if chosen else None,
+            # auto: where each module's own held-out optimum lies, capped at 1 (the grid stops lower)
+            "mean_optimum": _mean([m["blend_optimum"] for r in layer_reports for m in r["modules"].values()
+                                   if "blend_optimum" in m]),
             "notes": sum(1 for r in layer_reports for m in r["modules"].values() if "blend_note" in m),
             # the dense stream doubles the calibration activations and their layer forwards
             "dense_stream_mb": dense_mb,
             "dense_stream_forward_seconds": dense_seconds,
             "resumed_layers": sum(1 for r in layer_reports if r.get("resumed"))}
+
+
+def _mean(xs: list) -> float | None:
+    return sum(xs) / len(xs) if xs else None
 
 
 def blend_grid() -> tuple:

@@ -89,6 +89,27 @@ def test_heldout_error_matches_activations():
     assert got == pytest.approx(direct, rel=1e-10)  # float64 sums of ~1e3 terms
 
 
+def test_heldout_curve_is_the_heldout_error_of_the_blended_weight():
+    W, X, Xh, _ = _problem(seed=2)
+    fit, held = slice(0, 150), slice(150, None)
+    acc = {k: HessianAccumulator(W.shape[1], dtype=torch.float64) for k in ("H", "Hh", "Gh")}
+    C, Ch = (blend_mod.CrossAccumulator(W.shape[1], dtype=torch.float64) for _ in range(2))
+    acc["H"].add(Xh[fit])
+    C.add(Xh[fit], X[fit])
+    acc["Hh"].add(Xh[held])
+    Ch.add(Xh[held], X[held])
+    acc["Gh"].add(X[held])
+    T = blend_mod.target(W, acc["H"].hessian, C.cross)
+    e0, b, q, energy = blend_mod.heldout_curve(W, T, acc["Hh"].hessian, Ch.cross, acc["Gh"].hessian)
+    for a in (0.0, 0.3, 0.7, 1.0):
+        Wa = blend_mod.along(W, T, a)
+        want = ((Wa @ Xh[held].T - W @ X[held].T) ** 2).sum().item() / 50
+        # float64 traces of ~1e3 terms against a direct sum over the activations
+        assert e0 + 2 * a * b + a * a * q == pytest.approx(want, rel=1e-9)
+    assert energy == pytest.approx(((W @ X[held].T) ** 2).sum().item() / 50, rel=1e-10)
+    assert q > 0 and b < 0  # the drifted stream: blending toward the dense target helps on held-out rows
+
+
 # ---------------------------------------------------------------- end to end (tiny models) ----
 
 def _args(model, texts, out, *extra):
@@ -148,22 +169,34 @@ def test_fixed_blend_changes_weights_and_records_alpha(llama_runs):
 
 
 def test_auto_records_alpha_per_module_as_the_argmin(llama_runs):
+    from pipeline.calibrate import AUTO_MIN_GAIN
     rep = _report(llama_runs["auto"])
     mods = list(_modules(rep))
     assert mods
     for _, _, m in mods:
         scores = {float(a): v for a, v in m["blend_scores"].items()}
         assert sorted(scores) == sorted(blend_mod.GRID)
-        assert m["blend"] == min(scores, key=lambda a: (scores[a], a))
+        best = min(scores, key=lambda a: (scores[a], a))
+        assert m["blend"] == best or (m["blend"] == 0 and scores[0] - scores[best] >= 0)
+        # the scores are a parabola whose vertex is blend_optimum: on a grid of equal steps the argmin
+        # is the grid point nearest the vertex, clamped to the grid
+        opt = min(max(m["blend_optimum"], 0.0), blend_mod.AUTO_MAX)
+        if m["blend"] == best:
+            assert abs(best - opt) <= blend_mod.STEP / 2 + 1e-12
     tb = rep["target_blend"]
     assert tb["requested"] == "auto" and sum(tb["chosen_counts"].values()) == len(mods)
-    # modules that chose 0 were solved exactly as without the option
+    assert 0 <= tb["mean_optimum"] <= 1
+    assert any(m["blend"] > 0 for _, _, m in mods)  # the test can tell auto from off
+    # layer 0's first group sees the dense input in both streams (X̂ = X): nothing to blend, so it keeps
+    # 0 and is solved as without the option, from an H merged from its fit and held-out parts (the
+    # same tokens summed in another order: float32 rounding, ~1e-7 relative)
     none = _report(llama_runs["none"])
     errs = {(lay, n): m["error"] for lay, n, m in _modules(none)}
     first = next(r for r in rep["layers"] if r["layer"] == 0)
-    for n, m in first["modules"].items():
-        if m["blend"] == 0:
-            assert m["error"] == errs[(0, n)]  # layer 0 sees the same inputs in both runs
+    assert AUTO_MIN_GAIN < 1e-6
+    for n in first["groups"][0]:
+        assert first["modules"][n]["blend"] == 0
+        assert first["modules"][n]["error"] == pytest.approx(errs[(0, n)], rel=1e-4)
 
 
 def test_names_fingerprint_and_resume(llama_runs, tiny_model, short_texts, tmp_path, capsys):
@@ -203,8 +236,9 @@ def test_auto_needs_two_batches(tiny_model, short_texts, tmp_path, capsys):
     assert code == 2 and err.startswith("error: ") and "at least 2" in err, err
 
 
+@pytest.mark.parametrize("auto", [False, True])
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_moe_experts_pair_their_routed_tokens(family, tiny_model, short_texts):
+def test_moe_experts_pair_their_routed_tokens(family, auto, tiny_model, short_texts):
     """Each expert's C pairs its routed tokens through the router input: fed the same stream as
     both the pruned and the dense side (and nothing pruned), C must equal H for every expert, which
     a wrong pairing (other tokens, other order) would break."""
@@ -223,18 +257,22 @@ def test_moe_experts_pair_their_routed_tokens(family, tiny_model, short_texts):
     plan = plan_layer(layer, trunk.adapter, hidden[0], calls[tuple(hidden[0].shape[:2])][0])
     assert any(plan.expert_phase)
     _, caps = dense_capture(layer, plan, hidden, calls, 0)
-    blend = _Blend(0.5, caps, {1})
+    blend = _Blend("auto" if auto else 0.5, caps, {1})
     checked = 0
     for k in range(len(plan.phases)):
         groups = list(range(len(plan.phases[k])))
-        pairs = new_pairs(layer, plan, k, groups, "cpu", auto=False)
+        pairs = new_pairs(layer, plan, k, groups, "cpu", auto=auto)
         accs = accumulate_phase(layer, plan, k, hidden, calls, 0, blend=blend, pairs=pairs)
-        for acc, pair in zip(accs, pairs):
+        plain = accumulate_phase(layer, plan, k, hidden, calls, 0)  # H without the blend
+        for acc, pair, ref in zip(accs, pairs, plain):
             assert pair.unpaired == 0
-            assert pair.cross.count == acc.count
+            assert pair.cross.count == acc.count == ref.count
+            if auto:  # H from its fit and held-out parts: batch 1 held out, batch 0 fit
+                assert pair.h_fit.count + pair.h_held.count == acc.count and pair.g_held.count == pair.h_held.count
             if acc.count:
-                # the same products in the same order: equal up to float32 accumulation order
+                # the same products, summed in another order: equal up to float32 accumulation order
                 assert torch.allclose(pair.cross.cross, acc.hessian, rtol=1e-5, atol=1e-6)
+                assert torch.allclose(acc.hessian, ref.hessian, rtol=1e-5, atol=1e-6)
                 checked += plan.expert_phase[k]
     assert checked >= 2  # experts with routed tokens were compared
 
@@ -341,3 +379,25 @@ def test_bench_blend_summary():
     assert s["multiweight"]["auto_within_half_percent"] is False  # 48.3 > 1.005 x 48.0
     table = blend_table({"protocol": dict(nsamples=16, seqlen=512, eval_windows=8), "summary": list(s.values())})
     assert "+25.0%" in table and "3.00x" in table
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("collide", [False, True])
+def test_row_index_finds_routed_rows_by_their_bytes(dtype, collide):
+    """An expert's rows are found among the router input's rows: the first equal row, every row or
+    none. `collide` gives every row the same key, so the row-by-row path must sort it out."""
+    from pipeline import calibrate
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(50, 24, generator=g).to(dtype)
+    src[7] = src[3]  # a repeated token: its first occurrence is the answer
+    ix = calibrate._RowIndex(src)
+    if collide:
+        ix.mult = torch.zeros_like(ix.mult)
+        ix.keys, ix.order = torch.sort(calibrate._keys(ix.bits, ix.mult), stable=True)
+    want = torch.tensor([9, 3, 41, 0, 3, 49])
+    assert torch.equal(ix.find(src[want]), torch.where(want == 7, 3, want))
+    assert torch.equal(ix.find(src[torch.tensor([7])]), torch.tensor([3]))
+    other = src[:2].clone()
+    other[1, 5] = -other[1, 5] if other[1, 5] != 0 else 1.0  # one value changed: not a copy
+    assert ix.find(other) is None
+    assert ix.find(torch.zeros(2, 25, dtype=dtype)) is None  # another width

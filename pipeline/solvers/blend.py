@@ -21,10 +21,13 @@ import torch
 
 from .common import cholesky, one_thread
 
-# auto: the blends tried per module. The probe of issue 21 (sequential SparseGPT, SmolLM2) found
-# 0.15 best and 0.5 no better than 0; a grid that stops at 0.3 keeps the number of trial solves at 3
-# beyond α = 0.
-GRID = (0.0, 0.1, 0.2, 0.3)
+# auto: the blends it may choose per module. Each is scored without a solve (`heldout_curve`), so the
+# grid costs nothing; its top is the largest α measured end to end on SmolLM2 (docs/accuracy.md):
+# the issue's probe found 0.5 no better than 0 there, and each module's held-out optimum lies above
+# what works for the whole model (errors that every layer corrects add up).
+STEP = 0.05
+AUTO_MAX = 0.3
+GRID = tuple(round(k * STEP, 2) for k in range(round(AUTO_MAX / STEP) + 1))
 
 
 class CrossAccumulator:
@@ -112,3 +115,20 @@ def heldout_error(W_hat: torch.Tensor, W: torch.Tensor, H_h: torch.Tensor, C_h: 
     A, B = W_hat.double(), W.double()
     return float(((A @ H_h.double()) * A).sum() - 2 * ((A @ C_h.double()) * B).sum()
                  + ((B @ G_h.double()) * B).sum())
+
+
+@torch.no_grad()
+def heldout_curve(W: torch.Tensor, T: torch.Tensor, H_h: torch.Tensor, C_h: torch.Tensor,
+                  G_h: torch.Tensor) -> tuple[float, float, float, float]:
+    """(e0, b, q, energy): heldout_error(W_α) = e0 + 2αb + α²q for W_α = W + α(T - W), the held-out
+    error of the blended weight itself, a parabola in α, from four float64 products (no solve);
+    energy = tr(W G_h Wᵀ), the dense outputs' mean square, the scale its rounding is relative to.
+    Pruning W_α adds an error that barely depends on α, so the parabola's argmin stands in for that of
+    the pruned weight's held-out error (docs/method.md, section 8)."""
+    A, D = W.double(), T.double() - W.double()
+    AH, AC = A @ H_h.double(), A @ C_h.double().T
+    energy = float(((A @ G_h.double()) * A).sum())
+    e0 = float((AH * A).sum() - 2 * (AC * A).sum()) + energy
+    b = float((AH * D).sum() - (AC * D).sum())
+    q = float(((D @ H_h.double()) * D).sum())
+    return e0, b, q, energy
