@@ -123,17 +123,18 @@ def build(text: str, seed: int) -> list[dict]:
     return items
 
 
-def task_yaml(rows: Path) -> str:
+def task_yaml(rows: Path, task: str = TASK, text: str = "context") -> str:
+    """An lm-eval multiple-choice task over a JSONL of {text, choices, label} rows."""
     # the path as a JSON string is a valid double-quoted YAML scalar, whatever characters it holds;
     # lm-eval puts its default target delimiter " " between context and each choice
-    return f"""task: {TASK}
+    return f"""task: {task}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {json.dumps(str(rows))}
 test_split: test
 output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
+doc_to_text: "{{{{{text}}}}}"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: "{{{{label}}}}"
 metric_list:

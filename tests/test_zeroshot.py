@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from jobs.austen_cloze import task_yaml
 from jobs.prune import main
 
 pytest.importorskip("lm_eval")
@@ -27,24 +28,7 @@ def write_task(folder) -> str:
     rows.write_text("".join(json.dumps({"question": q, "choices": c, "label": label}) + "\n"
                             for q, c, label in QUESTIONS))
     yaml = folder / "tiny_qa.yaml"
-    yaml.write_text(f"""task: mwprune_tiny_qa
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {rows}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-""")
+    yaml.write_text(task_yaml(rows, "mwprune_tiny_qa", "question"))
     return str(yaml)
 
 
