@@ -15,15 +15,15 @@ Bad input ends with a one-line error and exit status 2; nothing is written.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import random
 import re
 import sys
 from pathlib import Path
 
+from jobs.prune import _Parser  # one-line errors, exit 2
 from pipeline import assets
+from pipeline.remote import _atomic_write
 
 TASK = "austen_cloze"
 CONTEXT_WORDS = (15, 40)  # enough context to pin down the continuation, short enough to score fast
@@ -147,12 +147,6 @@ metric_list:
 """
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def make(out: str | Path, book: str = "persuasion", items: int = 400, seed: int = 0) -> Path:
     """Write the task into `out`; return the YAML's path. Checks everything before writing anything."""
     if book not in assets.BOOKS:
@@ -171,15 +165,9 @@ def make(out: str | Path, book: str = "persuasion", items: int = 400, seed: int 
         raise ClozeError(f"{book} yields {len(found)} items with seed {seed}; ask for at most that many")
     out.mkdir(parents=True, exist_ok=True)
     rows, yaml = out / f"{TASK}.jsonl", out / f"{TASK}.yaml"
-    _write(rows, "".join(json.dumps(x) + "\n" for x in found[:items]))
-    _write(yaml, task_yaml(rows))  # last: a YAML that exists always points at a complete file
+    _atomic_write(rows, "".join(json.dumps(x) + "\n" for x in found[:items]).encode())
+    _atomic_write(yaml, task_yaml(rows).encode())  # last: a YAML that exists always points at a complete file
     return yaml
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + message
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,6 @@ SMALL_PATTERNS = ["0.5", "2:4"]
 FULL_PATTERNS = ["0.5", "0.6", "0.7", "2:4", "4:8"]
 
 
-
 def finished_rows(rows_file: Path, proto: dict, key: tuple[str, ...]) -> dict:
     """Rows an interrupted grid already wrote for this protocol, by `key` (rerunning skips them)."""
     done = {}
@@ -63,6 +62,7 @@ def finished_rows(rows_file: Path, proto: dict, key: tuple[str, ...]) -> dict:
             if r.get("protocol") == proto:
                 done[tuple(r[k] for k in key)] = r
     return done
+
 
 def machine() -> str:
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"

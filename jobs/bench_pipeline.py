@@ -74,7 +74,7 @@ def parse(argv=None):
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs Ray may use (default: all)")
     p.add_argument("--work", default=None, help="folder for the runs' outputs (default: a temporary one, removed)")
     p.add_argument("--out", default="bench-out/pipeline.json", help="JSON results")
-    p.add_argument("--sections", default="pipeline", help="comma-separated: pipeline, memory, threads")
+    p.add_argument("--sections", default="pipeline", help="comma-separated: pipeline, memory, threads, spread, cloud")
     p.add_argument("--memory-model", default="24,1536,4096,12",
                    help="layers,hidden,intermediate,heads of the random Llama of the memory check")
     p.add_argument("--memory-stages", type=int, default=6)

@@ -18,6 +18,7 @@ on a shared box it is not only this benchmark's load.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,10 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline import threads
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--nsamples", "4", "--seqlen", "128", "--eval-windows", "2"]
-OMP_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
-            "OMP_DYNAMIC", "MKL_DYNAMIC")
+OMP_VARS = threads.REPORTED  # every thread variable: a setting row sets its own, nothing else leaks in
 SETTINGS = {
     "2 threads, spinning (before)": {"OMP_NUM_THREADS": "2", "GOMP_SPINCOUNT": "300000"},
     "2 threads, passive": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
@@ -168,7 +170,7 @@ def contention(work: Path, job_args: list[str], pairs: list[tuple[str, str]] | N
         args = job_args + (["--stages", "2"] if kind == "stages 2" else [])
         for load in loads:
             out = work / "run"
-            with CpuLoad(load) if load else _Null():
+            with CpuLoad(load) if load else contextlib.nullcontext():
                 r = run_job(args, _clean_env(SETTINGS[name]), out, limit_s)
             row = {"job": kind, "setting": name, "load_procs": load, **r}
             if not r["stopped"]:
@@ -187,13 +189,6 @@ def contention(work: Path, job_args: list[str], pairs: list[tuple[str, str]] | N
     shutil.rmtree(work / "run", ignore_errors=True)
     return {"job_args": job_args, "limit_s": limit_s, "rows": rows, "table": contention_table(rows, job_args)}
 
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def contention_table(rows: list[dict], job_args: list[str]) -> str:

@@ -206,6 +206,7 @@ def main(argv=None, prog: str = "python -m jobs.prune") -> int:
         a = parser(prog).parse_args(argv)
     except SystemExit as e:  # --help, or a one-line usage error
         return e.code if isinstance(e.code, int) else 2
+    from pipeline.remote import redact  # a URI's keys never reach a message or the summary
     try:
         # Bad options fail here, before Ray or any file; device defaults are resolved where the
         # work runs (a Ray driver on a CPU head must not pick CPU defaults for GPU stages).
@@ -243,11 +244,9 @@ def main(argv=None, prog: str = "python -m jobs.prune") -> int:
     except Exception as e:  # every failure is one line unless --debug
         if a.debug:
             raise
-        from pipeline.remote import redact
         msg = redact(str(e).splitlines()[0]) if str(e) else type(e).__name__  # a URI's keys never shown
         print(f"error: {msg}", file=sys.stderr)
         return 2
-    from pipeline.remote import redact
     print(summary(report))
     if report.get("already_complete"):
         print(f"{redact(cfg.out)} already held this run, complete: nothing was done, nothing written")

@@ -40,8 +40,9 @@ class ModelFiles:
 
     `source` is a local folder or a URI (s3://..., see pipeline/remote.py). For a URI, the small
     files are fetched into a cache folder (`folder`, so transformers and the output read them as
-    local files) and tensors are read by byte range; nothing else is downloaded. `bytes_read` and
-    `read_seconds` count what this object read (store requests for a URI, tensor bytes for a folder).
+    local files) and tensors are read by byte range; nothing else is downloaded. `counters()` says
+    what was read: the store's requests for a URI, the tensor bytes (`bytes_read`, `read_seconds`)
+    for a folder.
     """
 
     def __init__(self, source: str | os.PathLike):
@@ -135,20 +136,18 @@ class ModelFiles:
                     got = remote.read_tensors(self.store, shard, self.headers[shard], ns)
                 except remote.RemoteError as e:
                     raise ModelFilesError(str(e)) from None
-                for n in ns:
-                    t = got[n]
-                    out[n] = t.to(device=device, dtype=dtype if (dtype and t.is_floating_point()) else t.dtype)
-                continue
-            from safetensors import safe_open
-            try:
-                with safe_open(self.folder / shard, framework="pt", device="cpu") as f:
-                    for n in ns:
-                        t = f.get_tensor(n)
-                        self.bytes_read += t.numel() * t.element_size()
-                        out[n] = t.to(device=device, dtype=dtype if (dtype and t.is_floating_point()) else t.dtype)
-            except Exception as e:  # noqa: BLE001
-                raise ModelFilesError(f"corrupt or truncated safetensors file {self.folder / shard}: "
-                                      f"{str(e).splitlines()[0]}") from None
+            else:
+                from safetensors import safe_open
+                try:
+                    with safe_open(self.folder / shard, framework="pt", device="cpu") as f:
+                        got = {n: f.get_tensor(n) for n in ns}
+                except Exception as e:  # noqa: BLE001
+                    raise ModelFilesError(f"corrupt or truncated safetensors file {self.folder / shard}: "
+                                          f"{str(e).splitlines()[0]}") from None
+                self.bytes_read += sum(t.numel() * t.element_size() for t in got.values())
+            for n in ns:
+                t = got[n]
+                out[n] = t.to(device=device, dtype=dtype if (dtype and t.is_floating_point()) else t.dtype)
         if self.store is None:
             self.read_seconds += time.perf_counter() - t0
         return out

@@ -89,7 +89,7 @@ def filesystem(uri: str):
         if k in ("region", "endpoint_override", "scheme", "session_token"):
             opts[k] = v
         else:
-            raise RemoteError(f"unsupported option {k!r} in {redact(uri)} (region, endpoint_override, scheme)")
+            raise RemoteError(f"unsupported option {k!r} in {redact(uri)} (region, endpoint_override, scheme, session_token)")
     if parts.username or parts.password:
         opts["access_key"], opts["secret_key"] = unquote(parts.username or ""), unquote(parts.password or "")
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -340,14 +340,6 @@ class Store:
         return {"bytes_read": self.bytes_read, "read_seconds": self.read_seconds, "requests": self.requests,
                 "cache_bytes": self.cache_bytes, "small_bytes": self.small_bytes}
 
-    def close(self) -> None:
-        for f in self._files.values():
-            try:
-                f.close()
-            except Exception:  # noqa: BLE001
-                pass
-        self._files = {}
-
 
 # -- safetensors by range ----------------------------------------------------------------------------
 def parse_header(raw: bytes, where: str, size: int, n: int) -> dict:
@@ -373,7 +365,7 @@ def parse_header(raw: bytes, where: str, size: int, n: int) -> dict:
         numel = 1
         for d in shape:
             numel *= d
-        itemsize = torch.empty(0, dtype=DTYPES[dtype]).element_size()
+        itemsize = DTYPES[dtype].itemsize
         if not (0 <= a <= b) or b - a != numel * itemsize:
             raise RemoteError(f"corrupt or truncated safetensors file {where}: tensor {name} has bad offsets")
         if b > data_size:
@@ -418,9 +410,9 @@ def read_tensors(store: Store, rel: str, header: dict, names: list[str]) -> dict
         while j + 1 < len(missing) and missing[j + 1][0] == missing[j][1]:
             j += 1
         start, end = missing[i][0], missing[j][1]
-        blob = store.read_range(rel, start, end - start)
+        blob = memoryview(store.read_range(rel, start, end - start))
         for a, b, name, key in missing[i:j + 1]:
-            out[name] = blob[a - start:b - start]
+            out[name] = blob[a - start:b - start]  # a view: the one copy is the writable buffer below
             store.cache.put(key, out[name])
         i = j + 1
     tensors = {}
