@@ -141,7 +141,8 @@ def e2e(out: Path, full: bool, patterns: list[str] | None, nsamples: int | None,
             "rows": rows}
 
 
-BLEND_METHODS = [("sparsegpt", None), ("multiweight", None), ("multiweight", "cg"), ("admm", "cg")]
+BLEND_METHODS = [("sparsegpt", None, "uniform"), ("multiweight", None, "uniform"), ("multiweight", "cg", "uniform"),
+                 ("admm", "cg", "uniform"), ("admm", "cg", "owl")]  # owl: unstructured patterns only (label +owl)
 BLEND_VALUES = ["0", "0.1", "0.2", "0.3", "auto"]
 
 
@@ -161,9 +162,9 @@ def blend(out: Path, patterns: list[str] | None, methods: list[str] | None, valu
     try:
         for pat in patterns or SMALL_PATTERNS:
             nm = tuple(int(x) for x in pat.split(":")) if ":" in pat else None
-            for method, refit in BLEND_METHODS:
-                name = label(method, refit)
-                if methods and name not in methods and method != "sparsegpt":
+            for method, refit, alloc in BLEND_METHODS:
+                name = label(method, refit) + ("+owl" if alloc == "owl" else "")
+                if methods and name not in methods and method != "sparsegpt" or (alloc == "owl" and nm):
                     continue
                 for value in values or BLEND_VALUES:
                     if method == "sparsegpt" and value != "0" and methods and "sparsegpt" not in methods:
@@ -172,7 +173,7 @@ def blend(out: Path, patterns: list[str] | None, methods: list[str] | None, valu
                         rows.append(done[(pat, name, value)])
                         continue
                     t0, c0 = time.perf_counter(), time.process_time()
-                    rep = run(RunConfig(out=str(work / "run"), method=method, refit=refit, nm=nm,
+                    rep = run(RunConfig(out=str(work / "run"), method=method, refit=refit, nm=nm, allocation=alloc,
                                         sparsity=None if nm else float(pat), target_blend=value, **proto), quiet=True)
                     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                     shutil.rmtree(work / "run")
