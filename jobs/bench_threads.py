@@ -225,7 +225,7 @@ def readme(work: Path) -> dict:
         print(f"  readme {name}: dense {r['perplexity']['dense']:.4f}, pruned {r['perplexity']['pruned']:.4f}, "
               f"{r['wall_s']:.1f} s wall, load avg {r['load_before']:.1f}", file=sys.stderr, flush=True)
     shutil.rmtree(work / "readme-run", ignore_errors=True)
-    lines = ["`python -m jobs.prune` (the default job: SmolLM2-135M, multiweight 50%, 16 x 512 calibration, "
+    lines = ["`python -m jobs.prune` (the default job: SmolLM2-135M, multiweight 50%, --target-blend auto, 16 x 512 calibration, "
              "8 x 512 evaluation)", "",
              "| threads | dense perplexity | pruned perplexity | sparsity | wall s | CPU s | load avg | bit-identical |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -55,10 +55,11 @@ def parser(prog: str = "python -m jobs.prune") -> argparse.ArgumentParser:
     p.add_argument("--refit", default="none", help="none | cg | exact: least-squares refit of the kept weights")
     p.add_argument("--allocation", default="uniform",
                    help="uniform | owl: sparsity per layer from its outlier ratio (unstructured only; single process)")
-    p.add_argument("--target-blend", default="0",
+    p.add_argument("--target-blend", default=None,
                    help="prune toward the dense model's outputs: a blend α in [0, 1] of the dense target into each "
-                   "module's own (0 = off, as before), or auto (α per module from a small grid, chosen on held-out "
-                   "calibration batches); carries a dense activation stream beside the pruned one (default 0)")
+                   "module's own (0 = off: each module fits its own pruned input), or auto (α per module from a "
+                   "small grid, chosen on held-out calibration batches); carries a dense activation stream beside "
+                   "the pruned one (default auto; 0 for magnitude and wanda without --refit, and in --mode dense)")
     p.add_argument("--group-size", type=int, default=None, help="multiweight: columns solved jointly (default 128)")
     p.add_argument("--mask-rule", default=None, help="multiweight N:M: saliency | exact (default exact)")
     p.add_argument("--calib", help="calibration data: a .txt, .jsonl/.json/.parquet/.arrow file, a datasets folder "
@@ -116,7 +117,7 @@ def default_out(a) -> str:
         name.append(f"mask-{a.mask_rule}")
     if getattr(a, "allocation", "uniform") != "uniform":
         name.append(a.allocation)
-    blend = _blend_tag(getattr(a, "target_blend", "0"))
+    blend = _blend_tag(target_blend(a))
     if blend and a.mode != "dense":  # dense mode ignores it (the same weights): the same folder
         name.append(blend)
     if a.mode != "sequential":
@@ -132,6 +133,15 @@ def default_out(a) -> str:
     if rest:
         name.append(hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:8])
     return os.path.join("out", "-".join(name))
+
+
+def target_blend(a) -> str:
+    """--target-blend as given, else its default: auto where the method fits the kept weights (it won
+    every row measured, docs/accuracy.md); 0 for magnitude and Wanda without a refit (they never change
+    a kept weight: they stay the published baselines) and in dense mode (X̂ = X: nothing to blend)."""
+    if a.target_blend is not None:
+        return a.target_blend
+    return "0" if a.mode == "dense" or (a.method in ("magnitude", "wanda") and a.refit == "none") else "auto"
 
 
 def _blend_tag(value: str) -> str | None:
@@ -162,7 +172,7 @@ def config_from_args(a):
                      eval_protocol=a.eval_protocol, text_field=a.text_field, device=a.device,
                      dtype=a.dtype, batch_size=a.batch_size, mode=a.mode, stages=a.stages, address=a.address,
                      overwrite=a.overwrite, solver_options=opts, allocation=a.allocation,
-                     target_blend=a.target_blend)
+                     target_blend=target_blend(a))
 
 
 def _ray_blend() -> bool:
@@ -206,11 +216,14 @@ def main(argv=None, prog: str = "python -m jobs.prune") -> int:
         a = parser(prog).parse_args(argv)
     except SystemExit as e:  # --help, or a one-line usage error
         return e.code if isinstance(e.code, int) else 2
-    from pipeline.remote import redact  # a URI's keys never reach a message or the summary
+    from pipeline.remote import is_uri, redact  # a URI's keys never reach a message or the summary
     try:
         # Bad options fail here, before Ray or any file; device defaults are resolved where the
         # work runs (a Ray driver on a CPU head must not pick CPU defaults for GPU stages).
         cfg = config_from_args(a).validate()
+        if a.tasks and cfg.model and is_uri(cfg.model):  # lm-eval's dense run loads report["model"] itself
+            raise ValueError("--tasks loads the dense model from a local folder, and --model is an object-store "
+                             "URI: run --tasks on a local copy of the model")
         tasks = None  # (names, lm-eval TaskManager)
         if a.tasks:
             from pipeline import zeroshot

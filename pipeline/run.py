@@ -124,6 +124,21 @@ def blending(cfg: "RunConfig") -> bool:
     return cfg.target_blend == "auto" or cfg.target_blend > 0
 
 
+ONE_BATCH = ("--target-blend auto holds one calibration batch out to choose α, so it needs at least 2 "
+             "(got 1: more --nsamples or a smaller --batch-size); solved with α = 0")
+
+
+def blend_plan(cfg: "RunConfig", n_batches: int) -> tuple[float | str, str | None]:
+    """The blend the solvers get, and why it is not what was asked (None when it is)."""
+    if not blending(cfg):
+        return 0.0, None
+    if cfg.mode == "dense":  # X̂ = X there, so the blended target is the plain one
+        return 0.0, DENSE_NOOP.removeprefix("warning: ")
+    if cfg.target_blend == "auto" and n_batches < 2:
+        return 0.0, ONE_BATCH
+    return cfg.target_blend, None
+
+
 def model_folder(model: str | None) -> Path | str:
     """A local HF folder, or the URI itself for a model on an object store (pipeline/remote.py)."""
     if model is None:
@@ -231,7 +246,7 @@ def prepare(cfg: RunConfig, files: loading.ModelFiles | None = None) -> Prepared
         eval_protocol = {"protocol": cfg.eval_protocol, **eval_protocol, **docs.describe(),
                          "tokens_scored": len(evalw) * (cfg.seqlen - 1)}
     spec = PruneSpec(cfg.method, cfg.sparsity, tuple(cfg.nm) if cfg.nm else None, cfg.refit, dict(cfg.solver_options),
-                     blend=cfg.target_blend if cfg.mode != "dense" else 0.0)  # dense mode: X̂ = X, a no-op
+                     blend=blend_plan(cfg, len(data.batches(calib, cfg.batch_size)))[0])
     return Prepared(cfg, files, spec, calib, evalw, calib_protocol, eval_protocol, run_dtype(cfg, files))
 
 
@@ -250,8 +265,8 @@ def fingerprint(p: Prepared, partition: list[list[int]] | None = None, ties: boo
             "layout": "top-level shards", "n_layers": sum(map(len, partition)) if partition else None,
             # only when set, so that fingerprints of uniform runs stay what they were
             **({"allocation": c.allocation} if c.allocation != "uniform" else {}),
-            # likewise only when on (dense mode ignores it: X̂ = X there, so the weights are the same)
-            **({"target_blend": c.target_blend} if blending(c) and c.mode != "dense" else {}),
+            # likewise only when on (dense mode, or auto on one batch, solve as without it: the same weights)
+            **({"target_blend": p.spec.blend} if p.spec.blending else {}),
             # tied weights an owner never multiplies are pruned and stored by the layer that does
             # (Trunk): an output of such a model written before that is another layout, never resumed
             **({"tied": "left to the layer that multiplies them"} if ties else {})}
@@ -332,10 +347,11 @@ DENSE_NOOP = ("warning: --target-blend has no effect in --mode dense: every modu
               "model's input there (X̂ = X), which is already the dense target; solved as without it")
 
 
-def blend_report(cfg: RunConfig, layer_reports: list[dict], dense_seconds: float, dense_mb: float) -> dict:
+def blend_report(cfg: RunConfig, n_batches: int, layer_reports: list[dict], dense_seconds: float,
+                 dense_mb: float) -> dict:
     """report.json's target_blend section: what was asked, what each module got, what it cost."""
-    if cfg.mode == "dense":
-        return {"requested": cfg.target_blend, "applied": False, "why": DENSE_NOOP.removeprefix("warning: ")}
+    if why := blend_plan(cfg, n_batches)[1]:
+        return {"requested": cfg.target_blend, "applied": False, "why": why}
     chosen = [m["blend"] for r in layer_reports for m in r["modules"].values() if "blend" in m]
     counts: dict[str, int] = {}
     for a in chosen:
@@ -366,8 +382,9 @@ def blend_grid() -> tuple:
 class Progress:
     """One line per finished layer on stderr: time, ETA, sparsity, error."""
 
-    def __init__(self, total: int, quiet: bool = False, stream=sys.stderr):
-        self.total, self.quiet, self.stream = total, quiet, stream
+    def __init__(self, total: int, quiet: bool = False, stream=None):
+        # None: sys.stderr as it is when a line is written (not as it was at import: a redirect wins)
+        self.total, self.quiet, self._stream = total, quiet, stream
         self.t0, self.done = time.perf_counter(), 0
 
     def __call__(self, i: int, report: dict) -> None:
@@ -385,6 +402,10 @@ class Progress:
     def note(self, msg: str) -> None:
         if not self.quiet:
             print(msg, file=self.stream, flush=True)
+
+    @property
+    def stream(self):
+        return self._stream or sys.stderr
 
 
 def check_pattern(trunk: Trunk, spec: PruneSpec) -> None:
@@ -449,8 +470,8 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict:
             plan = allocation.owl_plan(trunk, calib_hidden, calls, cfg.sparsity)
             p.spec.module_sparsity = plan["module_sparsity"]
         hessians_from = "calib_dense" if cfg.mode == "dense" else "calib"
-        if blending(cfg) and cfg.mode == "dense":
-            progress.note(DENSE_NOOP)
+        if blending(cfg) and not p.spec.blending:
+            progress.note(DENSE_NOOP if cfg.mode == "dense" else "note: " + ONE_BATCH)
         runner = SliceRunner(trunk, list(range(trunk.n_layers)), p.spec, calls, hessians_from, out, progress)
         for b in calib_hidden:
             runner.push(hessians_from, b)
@@ -480,7 +501,7 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict:
             extra["allocation"] = {k: v for k, v in plan.items() if k != "module_sparsity"}
         if blending(cfg):
             mb = sum(h.numel() * h.element_size() for h in calib_hidden) / 2**20
-            extra["target_blend"] = blend_report(cfg, reports, runner.dense_seconds, mb)
+            extra["target_blend"] = blend_report(cfg, len(calib_hidden), reports, runner.dense_seconds, mb)
         return finish(p, out, trunk, reports, ppl, time.perf_counter() - t0, extra)
     finally:
         out.release()

@@ -129,6 +129,10 @@ def _report(folder: Path) -> dict:
     return json.loads((folder / "report.json").read_text())
 
 
+def _fingerprint(folder: Path) -> dict:
+    return json.loads((folder / ".mwprune" / "fingerprint.json").read_text())["parts"]
+
+
 def _modules(report: dict):
     for r in report["layers"]:
         for name, m in r["modules"].items():
@@ -147,17 +151,22 @@ def llama_runs(tiny_model, short_texts, tmp_path_factory):
     return runs
 
 
-def test_zero_is_bit_identical_to_no_option(llama_runs):
-    a, b = _weights(llama_runs["none"]), _weights(llama_runs["zero"])
+def test_default_is_auto_and_zero_runs_nothing_of_the_blend(llama_runs):
+    """The job's default for a method that fits the kept weights is auto, bit for bit; 0 is the plain
+    solve: no dense stream, no report section, no fingerprint entry."""
+    a, b = _weights(llama_runs["none"]), _weights(llama_runs["auto"])
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    ra, rb = _report(llama_runs["none"]), _report(llama_runs["zero"])
-    assert ra["perplexity"] == rb["perplexity"]
-    assert "target_blend" not in rb  # nothing of the blend ran
+    assert _report(llama_runs["none"])["target_blend"]["requested"] == "auto"
+    z = _weights(llama_runs["zero"])
+    assert any(not torch.equal(a[k], z[k]) for k in a)  # the test can tell the default from off
+    rz = _report(llama_runs["zero"])
+    assert "target_blend" not in rz and "target_blend" not in _fingerprint(llama_runs["zero"])
+    assert _fingerprint(llama_runs["none"])["target_blend"] == "auto"
 
 
 def test_fixed_blend_changes_weights_and_records_alpha(llama_runs):
-    a, b = _weights(llama_runs["none"]), _weights(llama_runs["fixed"])
+    a, b = _weights(llama_runs["zero"]), _weights(llama_runs["fixed"])
     assert any(not torch.equal(a[k], b[k]) for k in a)
     rep = _report(llama_runs["fixed"])
     mods = list(_modules(rep))
@@ -165,7 +174,7 @@ def test_fixed_blend_changes_weights_and_records_alpha(llama_runs):
     tb = rep["target_blend"]
     assert tb["requested"] == 0.5 and tb["applied"] and tb["modules"] == len(mods)
     assert tb["dense_stream_forward_seconds"] > 0 and tb["dense_stream_mb"] > 0
-    assert rep["sparsity"]["overall"] == pytest.approx(_report(llama_runs["none"])["sparsity"]["overall"])
+    assert rep["sparsity"]["overall"] == pytest.approx(_report(llama_runs["zero"])["sparsity"]["overall"])
 
 
 def test_auto_records_alpha_per_module_as_the_argmin(llama_runs):
@@ -190,8 +199,8 @@ def test_auto_records_alpha_per_module_as_the_argmin(llama_runs):
     # layer 0's first group sees the dense input in both streams (X̂ = X): nothing to blend, so it keeps
     # 0 and is solved as without the option, from an H merged from its fit and held-out parts (the
     # same tokens summed in another order: float32 rounding, ~1e-7 relative)
-    none = _report(llama_runs["none"])
-    errs = {(lay, n): m["error"] for lay, n, m in _modules(none)}
+    zero = _report(llama_runs["zero"])
+    errs = {(lay, n): m["error"] for lay, n, m in _modules(zero)}
     first = next(r for r in rep["layers"] if r["layer"] == 0)
     assert AUTO_MIN_GAIN < 1e-6
     for n in first["groups"][0]:
@@ -203,7 +212,12 @@ def test_names_fingerprint_and_resume(llama_runs, tiny_model, short_texts, tmp_p
     p = parser()
     assert default_out(p.parse_args(["--target-blend", "0.15"])).endswith("-blend0.15")
     assert default_out(p.parse_args(["--target-blend", "auto"])).endswith("-blendauto")
-    assert default_out(p.parse_args(["--target-blend", "0"])) == default_out(p.parse_args([]))
+    assert default_out(p.parse_args([])) == default_out(p.parse_args(["--target-blend", "auto"]))
+    assert default_out(p.parse_args(["--target-blend", "0"])).endswith("-multiweight-0.5")  # the plain solve: no tag
+    # the defaults that are 0: magnitude and Wanda without a refit, and dense mode
+    for argv in (["--method", "wanda"], ["--method", "magnitude"], ["--mode", "dense"]):
+        assert default_out(p.parse_args(argv)) == default_out(p.parse_args([*argv, "--target-blend", "0"]))
+    assert default_out(p.parse_args(["--method", "wanda", "--refit", "cg"])).endswith("-blendauto")
     model = tiny_model("llama")
     out = llama_runs["fixed"]
     before = {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in out.rglob("*") if f.is_file()}
@@ -229,11 +243,21 @@ def test_bad_values_rejected(value, tiny_model, short_texts, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_auto_needs_two_batches(tiny_model, short_texts, tmp_path, capsys):
-    out = tmp_path / "out"
-    code = main(_args(tiny_model("llama"), short_texts, out, "--target-blend", "auto", "--batch-size", "4"))
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("error: ") and "at least 2" in err, err
+def test_auto_on_one_batch_solves_without_it(tiny_model, short_texts, tmp_path, capsys):
+    """auto holds a batch out: with one batch it solves as α = 0 (same weights), says so in a note
+    and in report.json, and exits 0 (it is the default: a one-batch run must not fail for it)."""
+    from pipeline.run import ONE_BATCH
+    model = tiny_model("llama")
+    argv = _args(model, short_texts, tmp_path / "one", "--method", "sparsegpt", "--batch-size", "4")
+    assert main([x for x in argv if x != "--quiet"]) == 0
+    assert "note: " + ONE_BATCH in capsys.readouterr().err
+    rep = _report(tmp_path / "one")
+    assert rep["target_blend"] == {"requested": "auto", "applied": False, "why": ONE_BATCH}
+    assert "target_blend" not in _fingerprint(tmp_path / "one")
+    assert main(_args(model, short_texts, tmp_path / "zero", "--method", "sparsegpt", "--batch-size", "4",
+                      "--target-blend", "0")) == 0
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "zero")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("auto", [False, True])

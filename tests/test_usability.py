@@ -184,7 +184,7 @@ def test_ray_driver_is_refused_too(tiny_model, short_texts, tmp_path):
 
 def test_default_names_carry_every_result_changing_option():
     name = lambda *argv: default_out(parser().parse_args(list(argv)))  # noqa: E731
-    assert name() == os.path.join("out", "smollm2-135m-multiweight-0.5")  # README's default folder
+    assert name() == os.path.join("out", "smollm2-135m-multiweight-0.5-blendauto")  # README's default folder
     variants = [["--method", "wanda"], ["--sparsity", "0.6"], ["--nm", "2:4"], ["--refit", "cg"],
                 ["--refit", "exact"], ["--group-size", "32"], ["--nm", "2:4", "--mask-rule", "saliency"],
                 ["--mode", "dense"], ["--mode", "stagewise", "--stages", "2"], ["--mode", "stagewise", "--stages", "3"],

@@ -94,6 +94,18 @@ def test_bad_tasks_fail_before_any_work(tiny_model, short_texts, tmp_path, capsy
     assert not out.exists()
 
 
+def test_tasks_with_a_model_uri_refused_before_any_work(short_texts, tmp_path, capsys):
+    """lm-eval loads the dense model from report["model"], which for a URI is not a folder: refused up
+    front (one line, exit 2, nothing written), not after the pruning."""
+    out = tmp_path / "out"
+    argv = ["--model", "s3://bucket/model", "--out", str(out), "--calib", str(short_texts["calib"]),
+            "--nsamples", "4", "--seqlen", "32", "--quiet", "--tasks", "arc_easy"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --tasks") and "URI" in err[0], err
+    assert not out.exists()
+
+
 def _prune_cli(argv, env_extra, tmp_path):
     """jobs.prune in a fresh process (the hub libraries read their offline flags at import), with an
     empty hub cache so no earlier download can answer."""
