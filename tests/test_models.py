@@ -1,5 +1,6 @@
 """The architecture matrix: tiny random models of every supported family, written by
-`save_pretrained` (the hub layout), pruned at 50% and 2:4 by the single-process job.
+`save_pretrained` (the hub layout), pruned at 50% (with the job's default `--target-blend auto`) and
+2:4 by the single-process job.
 
 For each: the report's dense and pruned perplexities equal a plain `from_pretrained` forward; every
 matrix the report lists is at its target; routers stay dense; the output's tensor names are the
@@ -59,9 +60,13 @@ SMALL = dict(nsamples=6, seqlen=32, eval_windows=2, batch_size=4)
 def test_architecture(arch, pattern, tiny_arch, short_texts, tmp_path):
     folder = tiny_arch(arch)
     out = tmp_path / "out"
-    nm = {"nm": (2, 4)} if pattern == "2:4" else {}
+    # 50% with the job's default --target-blend auto (two batches: one held out), 2:4 without it
+    opts = {"nm": (2, 4)} if pattern == "2:4" else {"target_blend": "auto"}
     report = run(RunConfig(out=str(out), model=str(folder), calib=str(short_texts["calib"]),
-                           eval=str(short_texts["eval"]), **SMALL, **nm), quiet=True)
+                           eval=str(short_texts["eval"]), **SMALL, **opts), quiet=True)
+    if pattern == "50%":
+        tb = report["target_blend"]
+        assert tb["applied"] and tb["modules"] == sum(len(r["modules"]) for r in report["layers"])
     # Same float32 ops as transformers' own forward, in other batch shapes: 1e-4 relative.
     assert report["perplexity"]["dense"] == pytest.approx(hf_perplexity(folder, short_texts["eval"], 2, 32), rel=1e-4)
     assert report["perplexity"]["pruned"] == pytest.approx(hf_perplexity(out, short_texts["eval"], 2, 32), rel=1e-4)
