@@ -324,7 +324,9 @@ def gpu(device: str = "cuda", scale: str = "7b", repeats: int = 3, patterns=("0.
     """7B-class layer shapes with random weights and Hessians (timing needs no training).
     Solvers: median seconds [min, max] per linear shape, per decoder layer (4 q/k/v/o, 2 gate/up,
     1 down) and projected for 32 layers. Pipeline: the single-process job on a random
-    `pipeline_layers`-layer model of the same shapes, with the GPU default calibration (128 x 2048);
+    `pipeline_layers`-layer model of the same shapes, with the GPU default calibration (128 x 2048),
+    SparseGPT and multiweight at --target-blend 0 and multiweight at the job's default auto (its peak
+    memory shows the dense stream's cost on the device);
     its median seconds per decoder layer, times 32, plus its fixed cost, projects a whole 7B model.
     scale="tiny" runs the same code on small shapes (the tests, on CPU)."""
     from pipeline import assets
@@ -366,18 +368,23 @@ def gpu(device: str = "cuda", scale: str = "7b", repeats: int = 3, patterns=("0.
         folder = work / "model"
         random_llama(folder, pipeline_layers, hidden, inter, heads, assets.default_model_dir(), tie=False,
                      dtype=torch.float16 if dev.type == "cuda" else torch.float32)
-        for method in ("sparsegpt", "multiweight"):
+        # the job's default --target-blend auto carries a second (dense) activation stream: its memory
+        # and time beside the plain solve's
+        for name, method, blend in (("sparsegpt", "sparsegpt", 0.0), ("multiweight", "multiweight", 0.0),
+                                    ("multiweight+auto", "multiweight", "auto")):
             t0 = time.perf_counter()
             rep = run(RunConfig(out=str(work / "run"), model=str(folder), method=method, nsamples=nsamples,
-                                seqlen=seqlen, eval_windows=0, device=dev.type), quiet=True)
+                                seqlen=seqlen, eval_windows=0, device=dev.type, target_blend=blend), quiet=True)
             wall = time.perf_counter() - t0
             shutil.rmtree(work / "run")
             ls = spread([r["seconds"] for r in rep["layers"]])
             fixed = max(wall - sum(r["seconds"] for r in rep["layers"]), 0.0)
-            pipeline[method] = {"wall_s": wall, "layer_seconds": ls, "fixed_s": fixed, "layers": pipeline_layers,
-                                "nsamples": nsamples, "seqlen": seqlen, "peak_memory": rep["peak_memory"],
-                                "projected_7b_seconds": fixed + LAYERS_7B * ls["median"]}
-            print(f"  gpu pipeline {method:<12} {ls['median']:7.2f}s per layer, {wall:.1f}s wall", file=sys.stderr, flush=True)
+            pipeline[name] = {"wall_s": wall, "layer_seconds": ls, "fixed_s": fixed, "layers": pipeline_layers,
+                              "nsamples": nsamples, "seqlen": seqlen, "peak_memory": rep["peak_memory"],
+                              "dense_stream_mb": (rep.get("target_blend") or {}).get("dense_stream_mb"),
+                              "projected_7b_seconds": fixed + LAYERS_7B * ls["median"]}
+            print(f"  gpu pipeline {name:<16} {ls['median']:7.2f}s per layer, {wall:.1f}s wall", file=sys.stderr,
+                  flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "scale": scale,

@@ -67,7 +67,7 @@ def test_e2e_rows_resume(tmp_path, tiny_model, short_texts, monkeypatch):
 def test_gpu_section_runs_on_cpu_at_tiny_scale(tmp_path):
     """The GPU section's code (solver timings per shape, the whole job on a random model of the
     same shapes, the projections) on small shapes, so that a GPU session only has to run it."""
-    res = bench.gpu(device="cpu", scale="tiny", repeats=2, nsamples=4, seqlen=32, work=tmp_path)
+    res = bench.gpu(device="cpu", scale="tiny", repeats=2, nsamples=8, seqlen=32, work=tmp_path)  # 2 batches
     assert set(res["solvers"]) == {"0.5", "2:4"}
     for per_method in res["solvers"].values():
         assert set(per_method) == {bench.label(m, r) for m, r in bench.E2E_METHODS}
@@ -78,6 +78,11 @@ def test_gpu_section_runs_on_cpu_at_tiny_scale(tmp_path):
             expect = sum(v["per_shape"][k]["median"] * n for k, n in bench.PER_LAYER.items())
             assert v["seconds_per_layer"] == pytest.approx(expect)
             assert v["projected_7b_seconds"] == pytest.approx(32 * expect)
+    assert set(res["pipeline"]) == {"sparsegpt", "multiweight", "multiweight+auto"}
+    # the default blend's dense stream: 8 x 32 tokens of the tiny shapes' hidden size, float32
+    hidden = bench.SHAPES["tiny"][1]
+    assert res["pipeline"]["multiweight+auto"]["dense_stream_mb"] == pytest.approx(8 * 32 * hidden * 4 / 2**20)
+    assert res["pipeline"]["multiweight"]["dense_stream_mb"] is None
     for v in res["pipeline"].values():
         assert v["layer_seconds"]["n"] == 2
         assert v["projected_7b_seconds"] == pytest.approx(v["fixed_s"] + 32 * v["layer_seconds"]["median"])
