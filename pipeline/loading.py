@@ -18,9 +18,6 @@ from . import remote
 from .models import Adapter, get_adapter
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
 class ModelFilesError(ValueError):
     pass
 
@@ -90,17 +87,20 @@ class ModelFiles:
                     raise ModelFilesError(str(e)) from None
                 for k, t in header.items():
                     self.files[k] = shard
-                    self.dtypes[k] = remote.DTYPES.get(t["dtype"], torch.float32)
+                    self.dtypes[k] = remote.DTYPES[t["dtype"]]  # parse_header refused the others
                 continue
             path = self.folder / shard
             try:
                 from safetensors import safe_open
                 with safe_open(path, framework="pt") as f:
-                    for k in f.keys():
-                        self.files[k] = shard
-                        self.dtypes[k] = _DTYPES.get(f.get_slice(k).get_dtype(), torch.float32)
+                    names = {k: f.get_slice(k).get_dtype() for k in f.keys()}
             except Exception as e:  # noqa: BLE001
                 raise ModelFilesError(f"corrupt or truncated safetensors file {path}: {str(e).splitlines()[0]}") from None
+            for k, name in names.items():  # the table a URI's headers use (remote.DTYPES), refusing alike
+                if remote.DTYPES.get(name) is None:
+                    raise ModelFilesError(f"tensor {k} in {path} has dtype {name}, which this tool cannot read")
+                self.files[k] = shard
+                self.dtypes[k] = remote.DTYPES[name]
         self.shards = shards
 
     def _fetch_small_files(self) -> Path:

@@ -249,6 +249,35 @@ def test_a_changed_object_is_never_served_from_the_cache(s3, tmp_path, real_mode
     assert 0 < cached <= 200_000
 
 
+def test_integer_tensors_have_the_same_dtype_from_a_folder_and_from_s3(s3, tmp_path, real_model_dir):
+    """The dtype recorded per tensor (the one the output is written in) comes from one table for a
+    local folder and a URI: integer tensors stay integers both ways, as read."""
+    from pipeline.loading import ModelFiles, ModelFilesError
+    from safetensors.torch import load_file, save_file
+
+    model = make_model(tmp_path / "m", real_model_dir)
+    ints = {"extra.i64": torch.arange(5, dtype=torch.int64), "extra.i32": torch.arange(3, dtype=torch.int32),
+            "extra.i8": torch.tensor([-1, 2], dtype=torch.int8), "extra.u8": torch.tensor([7], dtype=torch.uint8),
+            "extra.u32": torch.tensor([3], dtype=torch.uint32),
+            "extra.bool": torch.tensor([True, False])}
+    save_file({**load_file(model / "model.safetensors"), **ints}, model / "model.safetensors", metadata={"format": "pt"})
+    local, remote = ModelFiles(model), ModelFiles(s3.upload(model, "ints/tiny"))
+    assert local.dtypes == remote.dtypes
+    for files in (local, remote):
+        got = files.read(sorted(ints), dtype=torch.float16)  # a compute dtype leaves integers alone
+        for k, t in ints.items():
+            assert files.dtypes[k] == t.dtype and got[k].dtype == t.dtype and torch.equal(got[k], t), k
+    # a dtype outside the table: the same refusal both ways (it was float32 from a folder)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    shutil.copy(model / "config.json", odd / "config.json")
+    header = json.dumps({"t": {"dtype": "F8_E8M0", "shape": [2], "data_offsets": [0, 2]}}).encode()
+    (odd / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\1\2")
+    for source in (odd, s3.upload(odd, "ints/odd")):
+        with pytest.raises(ModelFilesError, match="tensor t in .* has dtype F8_E8M0, which this tool cannot read"):
+            ModelFiles(source)
+
+
 def test_one_writer_per_s3_output(s3, capsys):
     """The lease on an S3 --out: a second run is refused while the first holds it (one line naming
     the holder), and may claim the output once the first has released it."""
