@@ -22,14 +22,19 @@ class ModelFilesError(ValueError):
     pass
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".h5", ".msgpack", ".onnx")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".tflite",
+                   ".ot")
 SMALL_FILE = 64 << 20  # bytes: tokenizer and config files are far smaller; weights far larger
 
 
 def is_small_file(name: str, size: int) -> bool:
-    """Files that travel with a model but are not weights (tokenizer, generation config, chat
-    template): fetched whole from a remote model, copied to the output."""
-    return not name.startswith(".") and Path(name).suffix not in WEIGHT_SUFFIXES and size < SMALL_FILE
+    """Files that travel with a model but are not weights (config, tokenizer, generation config, chat
+    template): fetched whole from a remote model, and the one rule for what the output carries over
+    from a model, local or remote (pipeline/checkpoint.py). Weights in any format are not: the output's
+    safetensors replace them, and others would hold the dense weights; nor are weight indexes
+    (`*.index.json`: the output writes its own, others name shards it does not have)."""
+    return not name.startswith(".") and Path(name).suffix not in WEIGHT_SUFFIXES \
+        and not name.endswith(".index.json") and size < SMALL_FILE
 
 
 class ModelFiles:
@@ -113,7 +118,7 @@ class ModelFiles:
                 store.info("config.json")  # names a missing bucket or prefix, or a refusal
                 raise ModelFilesError(f"no config.json in model {self.source}")  # listed elsewhere
             names = sorted(n for n, i in listed.items() if n == "model.safetensors.index.json"
-                           or (not n.startswith("model") and is_small_file(n, i.size)))
+                           or is_small_file(n, i.size))
             key = remote._key(store.uri, *[(n, *store.identity(n)) for n in names])
             folder = store.fetch_to(names, remote._cache_root() / "models" / key)
         except remote.RemoteError as e:

@@ -148,7 +148,7 @@ def small_file_bytes(folder: Path) -> int:
     from pipeline.loading import is_small_file
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and (
         f.name == "model.safetensors.index.json"
-        or (not f.name.startswith("model") and is_small_file(f.name, f.stat().st_size))))
+        or is_small_file(f.name, f.stat().st_size)))
 
 
 def s3_report(s3: S3, uri: str) -> dict:
@@ -276,6 +276,26 @@ def test_integer_tensors_have_the_same_dtype_from_a_folder_and_from_s3(s3, tmp_p
     for source in (odd, s3.upload(odd, "ints/odd")):
         with pytest.raises(ModelFilesError, match="tensor t in .* has dtype F8_E8M0, which this tool cannot read"):
             ModelFiles(source)
+
+
+def test_the_output_carries_the_same_files_from_a_folder_and_from_s3(s3, tmp_path, real_model_dir, short_texts):
+    """One rule (loading.is_small_file) says which of a model's files the output carries over, wherever
+    the model is: tokenizer, generation config, chat template, yes; weights in other formats (they would
+    hold the dense weights beside the pruned ones), their indexes and hidden files, no."""
+    model = make_model(tmp_path / "m", real_model_dir)
+    (model / "chat_template.jinja").write_text("{{ messages }}")
+    skipped = {"pytorch_model.bin", "weights.pth", "tf_model.h5", "flax_model.msgpack", "model.onnx",
+               "model.ckpt", "model.tflite", "rust_model.ot", "pytorch_model.bin.index.json", ".gitattributes"}
+    for name in skipped:
+        (model / name).write_bytes(b"dense weights")
+    carried = {f.name for f in model.iterdir()} - skipped - {"model.safetensors"}
+    assert {"config.json", "generation_config.json", "chat_template.jinja", "tokenizer.json"} <= carried
+    uri = s3.upload(model, "carried/tiny")
+    got = {}
+    for where, source in (("local", model), ("s3", uri)):
+        single_reference(tiny_argv(source, short_texts, tmp_path / where, "--method", "magnitude"))
+        got[where] = {f.name for f in (tmp_path / where).iterdir()} & ({f.name for f in model.iterdir()})
+    assert got["local"] == got["s3"] == carried
 
 
 def test_one_writer_per_s3_output(s3, capsys):
