@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from .loading import is_small_file
+
 STATE = ".mwprune"
 MARK = "mwprune-run"
 LOCK = f"{STATE}/lock"
@@ -283,8 +285,7 @@ class OutputDir:
         self.write_json("model.safetensors.index.json", {"metadata": {"total_size": total},
                                                          "weight_map": dict(sorted(weight_map.items()))})
         for f in sorted(Path(model_folder).iterdir()):  # tokenizer, generation config, chat template...
-            if f.is_file() and f.name != "config.json" and not f.name.startswith(("model", ".")) \
-                    and f.suffix not in (".safetensors", ".bin", ".gguf", ".pt") and f.stat().st_size < 64 << 20:
+            if f.is_file() and f.name != "config.json" and is_small_file(f.name, f.stat().st_size):
                 self.write_bytes(f.name, f.read_bytes())
         self.write_json("report.json", report)
         self.write_bytes("config.json", (Path(model_folder) / "config.json").read_bytes())

@@ -18,21 +18,23 @@ from . import remote
 from .models import Adapter, get_adapter
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
 class ModelFilesError(ValueError):
     pass
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".h5", ".msgpack", ".onnx")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".tflite",
+                   ".ot")
 SMALL_FILE = 64 << 20  # bytes: tokenizer and config files are far smaller; weights far larger
 
 
 def is_small_file(name: str, size: int) -> bool:
-    """Files that travel with a model but are not weights (tokenizer, generation config, chat
-    template): fetched whole from a remote model, copied to the output."""
-    return not name.startswith(".") and Path(name).suffix not in WEIGHT_SUFFIXES and size < SMALL_FILE
+    """Files that travel with a model but are not weights (config, tokenizer, generation config, chat
+    template): fetched whole from a remote model, and the one rule for what the output carries over
+    from a model, local or remote (pipeline/checkpoint.py). Weights in any format are not: the output's
+    safetensors replace them, and others would hold the dense weights; nor are weight indexes
+    (`*.index.json`: the output writes its own, others name shards it does not have)."""
+    return not name.startswith(".") and Path(name).suffix not in WEIGHT_SUFFIXES \
+        and not name.endswith(".index.json") and size < SMALL_FILE
 
 
 class ModelFiles:
@@ -90,17 +92,20 @@ class ModelFiles:
                     raise ModelFilesError(str(e)) from None
                 for k, t in header.items():
                     self.files[k] = shard
-                    self.dtypes[k] = remote.DTYPES.get(t["dtype"], torch.float32)
+                    self.dtypes[k] = remote.DTYPES[t["dtype"]]  # parse_header refused the others
                 continue
             path = self.folder / shard
             try:
                 from safetensors import safe_open
                 with safe_open(path, framework="pt") as f:
-                    for k in f.keys():
-                        self.files[k] = shard
-                        self.dtypes[k] = _DTYPES.get(f.get_slice(k).get_dtype(), torch.float32)
+                    names = {k: f.get_slice(k).get_dtype() for k in f.keys()}
             except Exception as e:  # noqa: BLE001
                 raise ModelFilesError(f"corrupt or truncated safetensors file {path}: {str(e).splitlines()[0]}") from None
+            for k, name in names.items():  # the table a URI's headers use (remote.DTYPES), refusing alike
+                if remote.DTYPES.get(name) is None:
+                    raise ModelFilesError(f"tensor {k} in {path} has dtype {name}, which this tool cannot read")
+                self.files[k] = shard
+                self.dtypes[k] = remote.DTYPES[name]
         self.shards = shards
 
     def _fetch_small_files(self) -> Path:
@@ -113,7 +118,7 @@ class ModelFiles:
                 store.info("config.json")  # names a missing bucket or prefix, or a refusal
                 raise ModelFilesError(f"no config.json in model {self.source}")  # listed elsewhere
             names = sorted(n for n, i in listed.items() if n == "model.safetensors.index.json"
-                           or (not n.startswith("model") and is_small_file(n, i.size)))
+                           or is_small_file(n, i.size))
             key = remote._key(store.uri, *[(n, *store.identity(n)) for n in names])
             folder = store.fetch_to(names, remote._cache_root() / "models" / key)
         except remote.RemoteError as e:

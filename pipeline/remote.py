@@ -38,8 +38,12 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import torch
 
+# safetensors dtype names -> torch, for a local folder and a URI alike (pipeline/loading.py); a name
+# missing here (or None: this torch lacks the type) is refused with a one-line message.
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "U16": getattr(torch, "uint16", None), "U32": getattr(torch, "uint32", None),
+          "U64": getattr(torch, "uint64", None),
           "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
           "F8_E5M2": getattr(torch, "float8_e5m2", None)}
 MAX_HEADER = 100 << 20  # as safetensors itself: a larger header is a corrupt file

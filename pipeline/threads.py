@@ -25,6 +25,9 @@ import sys
 WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")  # any one set: the user chose
 REPORTED = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
             "OMP_DYNAMIC", "MKL_DYNAMIC")
+# In a Ray stage's environment: which of its wait variables the driver's configure() set. The stage
+# finds them set when it starts, so without this its report would read as if the user had set them.
+SET_BY_TOOL_VAR = "MWPRUNE_SET_BY_TOOL"
 
 # What configure() set in this process (the rest came from the user), and whether torch was already
 # imported then (so that the OpenMP runtime had read its environment before: too late to matter).
@@ -59,7 +62,19 @@ def stage_env() -> dict[str, str]:
     """env_vars for a Ray stage process: this process's settings of the wait variables (the user's or
     configure()'s), so that stages on any node wait as the driver does."""
     configure()
-    return {k: os.environ[k] for k in REPORTED[2:] if k in os.environ}
+    env = {k: os.environ[k] for k in REPORTED[2:] if k in os.environ}
+    env[SET_BY_TOOL_VAR] = ",".join(sorted(k for k, v in _set_here.items() if env.get(k) == v))
+    return env
+
+
+def set_by_tool() -> dict[str, str]:
+    """The variables the tool set: by configure() in this process, or, in a Ray stage, by the driver's
+    (named in SET_BY_TOOL_VAR by stage_env()); the rest of REPORTED came from the user (or Ray)."""
+    out = dict(_set_here)
+    for k in os.environ.get(SET_BY_TOOL_VAR, "").split(","):
+        if k in os.environ:
+            out[k] = os.environ[k]
+    return out
 
 
 def facts() -> dict:
@@ -70,7 +85,7 @@ def facts() -> dict:
     runtime = "GNU libgomp" if _has_lib("libgomp") else "LLVM/Intel libomp" if _has_lib("libomp") or _has_lib("libiomp") \
         else ("OpenMP (unknown runtime)" if "OpenMP" in info else "none")
     return {"openmp_runtime": runtime, "env": {k: os.environ.get(k) for k in REPORTED},
-            "set_by_tool": dict(_set_here), "set_after_torch_import": _late}
+            "set_by_tool": set_by_tool(), "set_after_torch_import": _late}
 
 
 def describe() -> str:
@@ -80,7 +95,7 @@ def describe() -> str:
     n = torch.get_num_threads()
     wait = os.environ.get("OMP_WAIT_POLICY") or ("GOMP_SPINCOUNT=" + os.environ["GOMP_SPINCOUNT"]
                                                  if "GOMP_SPINCOUNT" in os.environ else "unset")
-    who = " (set by mwprune; OMP_WAIT_POLICY/OMP_NUM_THREADS override)" if "OMP_WAIT_POLICY" in _set_here else ""
+    who = " (set by mwprune; OMP_WAIT_POLICY/OMP_NUM_THREADS override)" if "OMP_WAIT_POLICY" in set_by_tool() else ""
     return f"{n} thread{'s' if n != 1 else ''}, OpenMP wait {wait.lower()}{who}"
 
 

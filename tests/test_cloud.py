@@ -148,7 +148,7 @@ def small_file_bytes(folder: Path) -> int:
     from pipeline.loading import is_small_file
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and (
         f.name == "model.safetensors.index.json"
-        or (not f.name.startswith("model") and is_small_file(f.name, f.stat().st_size))))
+        or is_small_file(f.name, f.stat().st_size)))
 
 
 def s3_report(s3: S3, uri: str) -> dict:
@@ -247,6 +247,55 @@ def test_a_changed_object_is_never_served_from_the_cache(s3, tmp_path, real_mode
     files.read([k for k in files.files if ".layers." in k])  # ~0.5 MB of layer tensors
     cached = sum(f.stat().st_size for f in (tmp_path / "bounded" / "remote" / "ranges").rglob("*") if f.is_file())
     assert 0 < cached <= 200_000
+
+
+def test_integer_tensors_have_the_same_dtype_from_a_folder_and_from_s3(s3, tmp_path, real_model_dir):
+    """The dtype recorded per tensor (the one the output is written in) comes from one table for a
+    local folder and a URI: integer tensors stay integers both ways, as read."""
+    from pipeline.loading import ModelFiles, ModelFilesError
+    from safetensors.torch import load_file, save_file
+
+    model = make_model(tmp_path / "m", real_model_dir)
+    ints = {"extra.i64": torch.arange(5, dtype=torch.int64), "extra.i32": torch.arange(3, dtype=torch.int32),
+            "extra.i8": torch.tensor([-1, 2], dtype=torch.int8), "extra.u8": torch.tensor([7], dtype=torch.uint8),
+            "extra.u32": torch.tensor([3], dtype=torch.uint32),
+            "extra.bool": torch.tensor([True, False])}
+    save_file({**load_file(model / "model.safetensors"), **ints}, model / "model.safetensors", metadata={"format": "pt"})
+    local, remote = ModelFiles(model), ModelFiles(s3.upload(model, "ints/tiny"))
+    assert local.dtypes == remote.dtypes
+    for files in (local, remote):
+        got = files.read(sorted(ints), dtype=torch.float16)  # a compute dtype leaves integers alone
+        for k, t in ints.items():
+            assert files.dtypes[k] == t.dtype and got[k].dtype == t.dtype and torch.equal(got[k], t), k
+    # a dtype outside the table: the same refusal both ways (it was float32 from a folder)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    shutil.copy(model / "config.json", odd / "config.json")
+    header = json.dumps({"t": {"dtype": "F8_E8M0", "shape": [2], "data_offsets": [0, 2]}}).encode()
+    (odd / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\1\2")
+    for source in (odd, s3.upload(odd, "ints/odd")):
+        with pytest.raises(ModelFilesError, match="tensor t in .* has dtype F8_E8M0, which this tool cannot read"):
+            ModelFiles(source)
+
+
+def test_the_output_carries_the_same_files_from_a_folder_and_from_s3(s3, tmp_path, real_model_dir, short_texts):
+    """One rule (loading.is_small_file) says which of a model's files the output carries over, wherever
+    the model is: tokenizer, generation config, chat template, yes; weights in other formats (they would
+    hold the dense weights beside the pruned ones), their indexes and hidden files, no."""
+    model = make_model(tmp_path / "m", real_model_dir)
+    (model / "chat_template.jinja").write_text("{{ messages }}")
+    skipped = {"pytorch_model.bin", "weights.pth", "tf_model.h5", "flax_model.msgpack", "model.onnx",
+               "model.ckpt", "model.tflite", "rust_model.ot", "pytorch_model.bin.index.json", ".gitattributes"}
+    for name in skipped:
+        (model / name).write_bytes(b"dense weights")
+    carried = {f.name for f in model.iterdir()} - skipped - {"model.safetensors"}
+    assert {"config.json", "generation_config.json", "chat_template.jinja", "tokenizer.json"} <= carried
+    uri = s3.upload(model, "carried/tiny")
+    got = {}
+    for where, source in (("local", model), ("s3", uri)):
+        single_reference(tiny_argv(source, short_texts, tmp_path / where, "--method", "magnitude"))
+        got[where] = {f.name for f in (tmp_path / where).iterdir()} & ({f.name for f in model.iterdir()})
+    assert got["local"] == got["s3"] == carried
 
 
 def test_one_writer_per_s3_output(s3, capsys):

@@ -207,6 +207,31 @@ def test_two_thread_single_process_equals_one_thread_stages_on_qwen3_moe(ray_loc
     assert_identical(tmp_path / "single", tmp_path / "k2")
 
 
+def test_stages_report_who_set_the_openmp_wait_policy(ray_local, tiny_model, short_texts, tmp_path, monkeypatch):
+    """The driver sets the wait policy of its stages through their runtime_env: each stage reports that
+    mwprune set it, as the single process does; a policy from the user's environment is the user's."""
+    from pipeline import threads
+
+    def stage_openmp(out, **user_env) -> list[dict]:
+        # as a fresh driver process whose environment holds only `user_env` of the wait variables
+        for k in threads.REPORTED[2:]:
+            monkeypatch.setenv(k, "")  # recorded, so that teardown restores the variable or its absence
+            monkeypatch.delenv(k)
+        for k, v in user_env.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setattr(threads, "_set_here", {})
+        threads.configure()
+        assert prune(tiny_argv(tiny_model("llama"), short_texts, out, "--stages", 2)) == 0
+        return [f["openmp"] for f in report(out)["pipeline"]["stage_facts"]]
+
+    for f in stage_openmp(tmp_path / "tool"):
+        assert f["env"]["OMP_WAIT_POLICY"] == "PASSIVE"
+        assert f["set_by_tool"] == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_DYNAMIC": "FALSE"}
+    for f in stage_openmp(tmp_path / "user", OMP_WAIT_POLICY="ACTIVE"):
+        assert f["env"]["OMP_WAIT_POLICY"] == "ACTIVE"
+        assert f["set_by_tool"] == {"OMP_DYNAMIC": "FALSE"}
+
+
 def test_dense_mode_gives_the_same_output_for_any_number_of_stages(ray_local, tiny_runs):
     for k in (1, 2, 3):
         assert_identical(tiny_runs("dense", 0), tiny_runs("dense", k))
