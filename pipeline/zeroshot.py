@@ -48,9 +48,9 @@ def _task_name(path: Path) -> str:
     return name
 
 
-def resolve(entries: list[str], data: bool = True):
-    """(task names, TaskManager) for `--tasks` entries; unknown names, bad files and (with `data`) data
-    that cannot be read fail here, before any pruning. Built-in tasks are indexed only when a
+def resolve(entries: list[str]):
+    """(task names, TaskManager) for `--tasks` entries; unknown names, bad files and data that cannot
+    be read fail here, before any pruning. Built-in tasks are indexed only when a
     registered name is asked for (it takes seconds). Each task is built once here, which reads its
     data: from the local cache, or downloaded into it when the hub can be reached; where it cannot,
     this process goes offline (`go_offline`), so neither this check nor the evaluation retries."""
@@ -71,8 +71,7 @@ def resolve(entries: list[str], data: bool = True):
     unknown = [n for n in names if n not in tm.all_tasks]
     if unknown:
         raise TasksError(f"unknown lm-eval task {', '.join(unknown)} (a registered name, or a task YAML file)")
-    if data:
-        check_data(names, tm)
+    check_data(names, tm)
     return names, tm
 
 
