@@ -35,7 +35,9 @@ def _at(threads: int, fn):
 
 
 @pytest.mark.parametrize("kw", [dict(method="sparsegpt", sparsity=0.5), dict(method="multiweight", sparsity=0.5),
-                                dict(method="multiweight", nm=(2, 4))])
+                                dict(method="multiweight", nm=(2, 4)),
+                                # admm's (H + ρI)⁻¹: unpinned, its 2:4 masks moved between 1 and 2 threads
+                                dict(method="admm", nm=(2, 4), refit="cg")])
 def test_solvers_give_the_same_bits_on_one_and_two_threads(kw):
     W, H = _problem()
     one = _at(1, lambda: prune(W, H, **kw))
