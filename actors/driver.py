@@ -40,7 +40,7 @@ from pathlib import Path
 from pipeline import data, determinism, loading, threads
 from pipeline.calibrate import Trunk
 from pipeline.checkpoint import OutputDir
-from pipeline.run import (DENSE_NOOP, ONE_BATCH, ConfigError, Progress, RunConfig, blend_report, blending,
+from pipeline.run import (ConfigError, Progress, RunConfig, blend_notice, blend_report, blending,
                           completed_report, finish, fingerprint, model_folder, perplexity, precheck, prepare, run_dtype)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -415,8 +415,8 @@ class Driver:
             if spreading:  # the other stages wait anyway in this mode: they share each phase's solves
                 for s in range(k):
                     self._call(s, "set_peers", self.stages)
-            if blending(cfg) and not p.spec.blending:
-                self.progress.note(DENSE_NOOP if cfg.mode == "dense" else "note: " + ONE_BATCH)
+            if note := blend_notice(p):
+                self.progress.note(note)
             self.progress.note(f"{k} stage{'s' if k > 1 else ''} ({cfg.mode}): layers "
                                + " | ".join(f"{sl[0]}-{sl[-1]}" for sl in slices))
 
@@ -435,8 +435,7 @@ class Driver:
             if blending(cfg):
                 width = skeleton.model.config.get_text_config().hidden_size
                 mb = cfg.nsamples * cfg.seqlen * width * p.dtype.itemsize / 2**20
-                extra["target_blend"] = blend_report(cfg, len(data.batches(p.calib, cfg.batch_size)), reports,
-                                                     self.dense_seconds, mb)
+                extra["target_blend"] = blend_report(p, reports, self.dense_seconds, mb)
             png = timeline_png(facts, f"{cfg.method} {p.spec.pattern()} {cfg.mode}, {k} stages")
             if png is not None:
                 out.write_bytes("timeline.png", png)

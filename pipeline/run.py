@@ -206,6 +206,7 @@ class Prepared:
     calib_protocol: dict
     eval_protocol: dict | None
     dtype: torch.dtype
+    blend_why: str | None = None  # why the solvers do not get the --target-blend asked for (blend_plan)
 
 
 def prepare(cfg: RunConfig, files: loading.ModelFiles | None = None) -> Prepared:
@@ -245,9 +246,10 @@ def prepare(cfg: RunConfig, files: loading.ModelFiles | None = None) -> Prepared
                                           "each window's first token is not scored (SparseGPT, Wanda)")
         eval_protocol = {"protocol": cfg.eval_protocol, **eval_protocol, **docs.describe(),
                          "tokens_scored": len(evalw) * (cfg.seqlen - 1)}
+    blend, why = blend_plan(cfg, len(data.batches(calib, cfg.batch_size)))
     spec = PruneSpec(cfg.method, cfg.sparsity, tuple(cfg.nm) if cfg.nm else None, cfg.refit, dict(cfg.solver_options),
-                     blend=blend_plan(cfg, len(data.batches(calib, cfg.batch_size)))[0])
-    return Prepared(cfg, files, spec, calib, evalw, calib_protocol, eval_protocol, run_dtype(cfg, files))
+                     blend=blend)
+    return Prepared(cfg, files, spec, calib, evalw, calib_protocol, eval_protocol, run_dtype(cfg, files), why)
 
 
 def fingerprint(p: Prepared, partition: list[list[int]] | None = None, ties: bool = False) -> dict:
@@ -347,11 +349,18 @@ DENSE_NOOP = ("warning: --target-blend has no effect in --mode dense: every modu
               "model's input there (X̂ = X), which is already the dense target; solved as without it")
 
 
-def blend_report(cfg: RunConfig, n_batches: int, layer_reports: list[dict], dense_seconds: float,
-                 dense_mb: float) -> dict:
+def blend_notice(p: Prepared) -> str | None:
+    """The progress line when the solvers do not get the blend asked for (None when they do)."""
+    if p.blend_why is None:
+        return None
+    return DENSE_NOOP if p.cfg.mode == "dense" else "note: " + p.blend_why
+
+
+def blend_report(p: Prepared, layer_reports: list[dict], dense_seconds: float, dense_mb: float) -> dict:
     """report.json's target_blend section: what was asked, what each module got, what it cost."""
-    if why := blend_plan(cfg, n_batches)[1]:
-        return {"requested": cfg.target_blend, "applied": False, "why": why}
+    cfg = p.cfg
+    if p.blend_why:
+        return {"requested": cfg.target_blend, "applied": False, "why": p.blend_why}
     chosen = [m["blend"] for r in layer_reports for m in r["modules"].values() if "blend" in m]
     counts: dict[str, int] = {}
     for a in chosen:
@@ -470,8 +479,8 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict:
             plan = allocation.owl_plan(trunk, calib_hidden, calls, cfg.sparsity)
             p.spec.module_sparsity = plan["module_sparsity"]
         hessians_from = "calib_dense" if cfg.mode == "dense" else "calib"
-        if blending(cfg) and not p.spec.blending:
-            progress.note(DENSE_NOOP if cfg.mode == "dense" else "note: " + ONE_BATCH)
+        if note := blend_notice(p):
+            progress.note(note)
         runner = SliceRunner(trunk, list(range(trunk.n_layers)), p.spec, calls, hessians_from, out, progress)
         for b in calib_hidden:
             runner.push(hessians_from, b)
@@ -501,7 +510,7 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict:
             extra["allocation"] = {k: v for k, v in plan.items() if k != "module_sparsity"}
         if blending(cfg):
             mb = sum(h.numel() * h.element_size() for h in calib_hidden) / 2**20
-            extra["target_blend"] = blend_report(cfg, len(calib_hidden), reports, runner.dense_seconds, mb)
+            extra["target_blend"] = blend_report(p, reports, runner.dense_seconds, mb)
         return finish(p, out, trunk, reports, ppl, time.perf_counter() - t0, extra)
     finally:
         out.release()
